@@ -1,0 +1,24 @@
+"""bamflow: high-throughput BAM/SAM processing over named pipes.
+
+The engine runs each stage of a workflow as an OS process and connects the
+stages with FIFOs; see :mod:`bamflow.workflow` for the data flow.
+"""
+
+from .errors import WorkflowError
+from .fifo import FIFO
+from .files import InputFile, OutputFile
+from .job import Job
+from .workflow import Workflow, merge_counts
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FIFO",
+    "InputFile",
+    "Job",
+    "OutputFile",
+    "Workflow",
+    "WorkflowError",
+    "merge_counts",
+    "__version__",
+]

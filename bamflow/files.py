@@ -1,0 +1,80 @@
+"""Input and output files of a workflow: checked before start, outputs atomic.
+
+An :class:`OutputFile` is written under a temporary name in its own folder
+and renamed only when the whole workflow succeeded, so a failed run never
+leaves a file that looks complete. ``-`` means standard input or output.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+
+STDIN_NAMES = ("-", "/dev/stdin")
+STDOUT_NAMES = ("-", "/dev/stdout")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """A file a job reads; must exist before the workflow starts (``-``: stdin)."""
+
+    path: str
+
+    def check(self) -> str | None:
+        """A one-line problem with this input, or None."""
+        if self.path in STDIN_NAMES:
+            return None
+        if not os.path.exists(self.path):
+            return f"input file '{self.path}' does not exist"
+        if os.path.isdir(self.path):
+            return f"input '{self.path}' is a directory, not a file"
+        if not os.access(self.path, os.R_OK):
+            return f"input file '{self.path}' is not readable"
+        return None
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """A file a job writes; it appears under its name only if the run succeeds."""
+
+    path: str
+
+    @property
+    def is_special(self) -> bool:
+        """stdout and device files are written in place, not renamed."""
+        return self.path in STDOUT_NAMES or self.path.startswith("/dev/")
+
+    def check(self) -> str | None:
+        """A one-line problem with this output, or None."""
+        if self.is_special:
+            return None
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):
+            return f"cannot write output '{self.path}': folder '{folder}' does not exist"
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return f"cannot write output '{self.path}': folder '{folder}' is not writable"
+        if os.path.isdir(self.path):
+            return f"cannot write output '{self.path}': it is a directory"
+        return None
+
+    def temporary_path(self) -> str:
+        """Where the job writes until the workflow succeeded."""
+        if self.is_special:
+            return self.path
+        folder, base = os.path.split(os.path.abspath(self.path))
+        return os.path.join(folder, f".{base}.bamflow-{uuid.uuid4().hex[:12]}.tmp")
+
+
+def open_for_writing(path: str) -> int:
+    """A file descriptor for ``path`` (``-``: a duplicate of stdout)."""
+    if path in STDOUT_NAMES:
+        return os.dup(1)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+
+
+def open_for_reading(path: str) -> int:
+    """A file descriptor for ``path`` (``-``: a duplicate of stdin)."""
+    if path in STDIN_NAMES:
+        return os.dup(0)
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)

@@ -1,0 +1,1 @@
+"""Cython kernels: the per-record hot loops of bamflow's stages."""

@@ -1,0 +1,164 @@
+"""Ready-made job functions for the builder methods of :class:`~bamflow.Workflow`.
+
+Each takes its FIFOs as opened file objects (managed) or as paths
+(unmanaged), and files as paths (``-`` for stdin/stdout); the hot loops run
+in :mod:`bamflow.kernels` on file descriptors.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from contextlib import ExitStack
+from typing import Any, Callable
+
+from .files import open_for_reading, open_for_writing
+from .kernels.lines import collect_lines as _collect_lines_kernel
+from .kernels.lines import distribute_lines as _distribute_lines_kernel
+
+COPY_BLOCK = 1 << 20
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _fd(target: Any, writing: bool, stack: ExitStack) -> int:
+    """The file descriptor behind an open file, or of a path opened here."""
+    if hasattr(target, "fileno"):
+        if writing:
+            target.flush()
+        return target.fileno()
+    fd = open_for_writing(target) if writing else open_for_reading(target)
+    stack.callback(os.close, fd)
+    return fd
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def _copy(in_fd: int, out_fd: int) -> int:
+    """Copy in_fd to out_fd until end of file; returns the byte count."""
+    from .fifo import wait_readable
+
+    total = 0
+    try:
+        while True:  # sendfile: no copy through user space (regular-file input)
+            n = os.sendfile(out_fd, in_fd, None, 1 << 30)
+            if n == 0:
+                return total
+            total += n
+    except OSError:
+        if total:
+            raise
+    wait_readable(in_fd)
+    buffer = bytearray(COPY_BLOCK)
+    view = memoryview(buffer)
+    while True:
+        n = os.readv(in_fd, [buffer])
+        if n == 0:
+            return total
+        _write_all(out_fd, view[:n])
+        total += n
+
+
+def read_files(inputs: list[str], output: Any) -> int:
+    """Copy each input file (``-``: stdin) in turn to ``output``; returns bytes copied."""
+    total = 0
+    with ExitStack() as stack:
+        out_fd = _fd(output, True, stack)
+        for path in inputs:
+            fd = open_for_reading(path)
+            try:
+                total += _copy(fd, out_fd)
+            finally:
+                os.close(fd)
+    return total
+
+
+def read_gz_or_plain(inputs: list[str], output: Any) -> int:
+    """Like :func:`read_files`, decompressing gzip inputs (detected by magic bytes) with ISA-L."""
+    from isal import igzip
+
+    total = 0
+    with ExitStack() as stack:
+        out_fd = _fd(output, True, stack)
+        for path in inputs:
+            with io.open(open_for_reading(path), "rb", buffering=COPY_BLOCK) as raw:
+                if raw.peek(2)[:2] != GZIP_MAGIC:
+                    total += _copy_stream(raw, out_fd)
+                    continue
+                try:
+                    with igzip.IGzipFile(fileobj=raw, mode="rb") as unzipped:
+                        total += _copy_stream(unzipped, out_fd)
+                except (EOFError, OSError) as e:
+                    if isinstance(e, BrokenPipeError):
+                        raise
+                    raise ValueError(f"{path}: corrupt or truncated gzip data ({e})") from None
+    return total
+
+
+def _copy_stream(stream: Any, out_fd: int) -> int:
+    total = 0
+    while True:
+        block = stream.read(COPY_BLOCK)
+        if not block:
+            return total
+        _write_all(out_fd, memoryview(block))
+        total += len(block)
+
+
+def distribute_lines(
+    input: Any,
+    outputs: list[Any],
+    chunk_size: int = 1,
+    header_detect_func: Callable[[str], object] | None = None,
+    header_prefix: str | bytes | None = None,
+    header_broadcast: bool = False,
+    header_fifo: Any = None,
+    by: int | None = None,
+    field_sep: str = "\t",
+) -> dict[str, Any]:
+    """Split the lines of ``input`` over ``outputs`` (see :meth:`Workflow.distribute`)."""
+    if isinstance(header_prefix, str):
+        header_prefix = header_prefix.encode()
+    with ExitStack() as stack:
+        in_fd = _fd(input, False, stack)
+        out_fds = [_fd(o, True, stack) for o in outputs]
+        header_fd = -1
+        if header_fifo is not None:
+            # the kernel owns (and closes, as soon as the header ends) its own descriptor
+            header_fd = os.dup(_fd(header_fifo, True, stack))
+            if hasattr(header_fifo, "close"):
+                header_fifo.close()
+        return _distribute_lines_kernel(
+            in_fd,
+            out_fds,
+            chunk_size=chunk_size,
+            header_fd=header_fd,
+            header_broadcast=header_broadcast,
+            header_detect=header_detect_func,
+            header_prefix=header_prefix,
+            key_field=-1 if by is None else by,
+            field_sep=field_sep.encode(),
+        )
+
+
+def collect_lines(
+    inputs: list[Any],
+    output: Any,
+    header_fifo: Any = None,
+    order: str = "any",
+    chunk_size: int = 1,
+) -> dict[str, Any]:
+    """Merge the lines of ``inputs`` into ``output``, header first (see :meth:`Workflow.collect`)."""
+    with ExitStack() as stack:
+        in_fds = [_fd(i, False, stack) for i in inputs]
+        header_fd = -1 if header_fifo is None else _fd(header_fifo, False, stack)
+        out_fd = _fd(output, True, stack)
+        return _collect_lines_kernel(in_fds, out_fd, header_fd=header_fd, order=order, chunk_size=chunk_size)
+
+
+def write_file(input: Any, output: Any) -> int:
+    """Copy ``input`` (an open FIFO or a path) to ``output`` (a path or ``-``); returns bytes."""
+    with ExitStack() as stack:
+        return _copy(_fd(input, False, stack), _fd(output, True, stack))

@@ -1,0 +1,211 @@
+"""Start the jobs of one phase and watch them until all succeed or one fails.
+
+The supervisor waits on two things at once: the result pipe of every job and
+the sentinel of every process. So a job that raises, exits with a non-zero
+status, or is killed (even by SIGKILL, which leaves no message) is seen at
+once, and then every other job is stopped: SIGTERM to its process group,
+SIGKILL after a short grace. Nothing waits on a peer that will never come.
+"""
+
+from __future__ import annotations
+
+import multiprocessing.connection
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import WorkflowError
+from .job import Failure, Job, run_job
+
+
+@dataclass
+class Outcome:
+    """How one job ended."""
+
+    job: str
+    exitcode: int | None = None
+    result: Any = None
+    failure: Failure | None = None
+    usage: dict[str, float] = field(default_factory=dict)
+    reported: bool = False  # the job sent its message
+    stopped: bool = False  # stopped by the supervisor because another job failed
+    seen_at: float = 0.0
+
+    @property
+    def succeeded(self) -> bool:
+        return self.exitcode == 0 and self.reported and self.failure is None
+
+    @property
+    def failed(self) -> bool:
+        return self.exitcode is not None and not self.succeeded and not self.stopped
+
+    def describe(self) -> str:
+        if self.failure is not None:
+            return self.failure.summary
+        if self.exitcode is not None and self.exitcode < 0:
+            try:
+                name = signal.Signals(-self.exitcode).name
+            except ValueError:
+                name = f"signal {-self.exitcode}"
+            return f"killed by {name}"
+        if self.exitcode:
+            return f"exited with status {self.exitcode}"
+        return "exited without reporting a result"
+
+
+class _Running:
+    def __init__(self, job: Job, process: Any, conn: Any) -> None:
+        self.job = job
+        self.process = process
+        self.conn = conn
+        self.outcome = Outcome(job.name)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+class Supervisor:
+    """Runs one phase: a set of jobs connected by FIFOs, all at once."""
+
+    def __init__(
+        self,
+        jobs: list[Job],
+        context: Any,
+        fifo_paths: dict[str, str],
+        temp_outputs: dict[str, str],
+        pipe_size: int,
+        stop_grace: float = 0.5,
+    ) -> None:
+        self.jobs = jobs
+        self.context = context
+        self.fifo_paths = fifo_paths
+        self.temp_outputs = temp_outputs
+        self.pipe_size = pipe_size
+        self.stop_grace = stop_grace
+        self.running: list[_Running] = []
+
+    def run(self, deadline: float | None) -> dict[str, Outcome]:
+        """Run every job; raises WorkflowError naming the job that failed first."""
+        try:
+            self._start_all()
+            self._watch(deadline)
+        finally:
+            self.stop()
+        outcomes = {r.job.name: r.outcome for r in self.running}
+        failed = [o for o in outcomes.values() if o.failed]
+        if failed:
+            raise self._error(failed, outcomes)
+        return outcomes
+
+    def _start_all(self) -> None:
+        method = self.context.get_start_method()
+        parent = os.getpid() if method in ("fork", "spawn") else None
+        for job in self.jobs:
+            receiver, sender = self.context.Pipe(duplex=False)
+            process = self.context.Process(
+                target=run_job,
+                args=(job, self.fifo_paths, self.temp_outputs, self.pipe_size, sender, parent),
+                name=job.name,
+            )
+            try:
+                process.start()
+            finally:
+                sender.close()
+            self.running.append(_Running(job, process, receiver))
+            try:
+                os.setpgid(process.pid, process.pid)
+            except OSError:
+                pass  # the child did it itself (or already exec'd)
+
+    def _watch(self, deadline: float | None) -> None:
+        waiting: dict[Any, tuple[str, _Running]] = {}
+        for r in self.running:
+            waiting[r.conn] = ("message", r)
+            waiting[r.process.sentinel] = ("exit", r)
+        alive = len(self.running)
+        while alive:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = multiprocessing.connection.wait(list(waiting), timeout=timeout)
+            if not ready:
+                raise WorkflowError(f"workflow timed out; still running: {self._names_alive()}")
+            for obj in ready:
+                kind, r = waiting.pop(obj)
+                if kind == "message":
+                    self._receive(r)
+                else:
+                    alive -= 1
+                    if r.conn in waiting:  # a message sent just before exit
+                        del waiting[r.conn]
+                        self._receive(r)
+                    r.process.join()
+                    r.outcome.exitcode = r.process.exitcode
+                    r.outcome.seen_at = time.monotonic()
+                    if not r.outcome.succeeded:
+                        return
+
+    def _receive(self, r: _Running) -> None:
+        try:
+            if not r.conn.poll():
+                return
+            status, payload, usage = r.conn.recv()
+        except (EOFError, OSError):
+            return
+        r.outcome.reported = True
+        r.outcome.usage = usage
+        if status == "ok":
+            r.outcome.result = payload
+        else:
+            r.outcome.failure = payload
+
+    def _names_alive(self) -> str:
+        return ", ".join(r.job.name for r in self.running if r.process.is_alive()) or "none"
+
+    def stop(self) -> None:
+        """Stop every job still running: SIGTERM, then SIGKILL after the grace."""
+        alive = [r for r in self.running if r.process.exitcode is None]
+        for r in alive:
+            r.outcome.stopped = True
+            _signal_group(r.process.pid, signal.SIGTERM)
+        end = time.monotonic() + self.stop_grace
+        for r in alive:
+            r.process.join(max(0.0, end - time.monotonic()))
+        for r in alive:
+            if r.process.exitcode is None:
+                _signal_group(r.process.pid, signal.SIGKILL)
+        for r in alive:
+            r.process.join()
+            r.outcome.exitcode = r.process.exitcode
+            if r.conn.poll():
+                self._receive(r)
+            if r.outcome.succeeded:
+                r.outcome.stopped = False
+        for r in self.running:
+            r.conn.close()
+
+    @staticmethod
+    def _error(failed: list[Outcome], outcomes: dict[str, Outcome]) -> WorkflowError:
+        # The first failure that is not a broken pipe is the cause; broken pipes
+        # follow from another job's end.
+        def order(o: Outcome) -> tuple[bool, float]:
+            if o.failure is not None:
+                return (o.failure.broken_pipe, o.failure.time)
+            return (False, o.seen_at)
+
+        cause = min(failed, key=order)
+        return WorkflowError(
+            f"job '{cause.job}' failed: {cause.describe()}",
+            job=cause.job,
+            child_traceback=cause.failure.traceback if cause.failure else "",
+            exitcode=cause.exitcode,
+            exc_dict={o.job: (o.failure.traceback if o.failure else o.describe()) for o in failed},
+            result_dict={o.job: o.result for o in outcomes.values() if o.succeeded},
+        )

@@ -1,0 +1,465 @@
+"""The workflow engine: stages as OS processes, connected by named pipes.
+
+Data flow of a typical workflow (each box is one process)::
+
+                                         ┌──────────┐
+                                 dist0 ─▶│ worker0  │─ out0 ─┐
+    ┌────────┐ input ┌────────────┐      └──────────┘        ▼
+    │ reader │──────▶│ distribute │─ ...                ┌─────────┐ output ┌────────┐
+    └────────┘ FIFO  └────────────┘      ┌──────────┐   │ collect │──────▶│ funnel │─▶ file
+                            │    distN ─▶│ workerN  │─▶ └─────────┘ FIFO  └────────┘
+                            │            └──────────┘        ▲
+                            └──────────── header FIFO ───────┘
+
+    supervisor (this process): starts every job, then waits on their result
+    pipes and process sentinels together; on the first failure it stops all
+    jobs, removes the FIFOs and temporary outputs, and raises WorkflowError.
+
+Roles:
+
+* :class:`~bamflow.fifo.FIFO` specs name the pipes; the builder methods
+  (``reader``, ``distribute``, ``workers``, ``collect``, ``funnel``,
+  ``add_job``) each add a :class:`~bamflow.job.Job` holding such specs.
+* :meth:`Workflow.run` validates the graph (every FIFO has exactly one writer
+  and one reader job, inputs exist, outputs can be written) before anything
+  starts, creates the FIFOs in a private temporary folder, and hands each
+  phase to a :class:`~bamflow.supervisor.Supervisor`.
+* A job process (:func:`~bamflow.job.run_job`) opens its FIFOs without
+  deadlock (see :mod:`bamflow.fifo`), calls the function and reports its
+  return value or traceback.
+* Outputs (:class:`~bamflow.files.OutputFile`) are written under temporary
+  names and renamed once every job of the workflow has succeeded.
+* A sub-workflow is a barrier: jobs declared before it finish, then it runs,
+  then the jobs declared after it. FIFOs never cross such a barrier.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+from . import parts
+from .errors import WorkflowError
+from .fifo import FIFO, pipe_max_size
+from .files import STDIN_NAMES, STDOUT_NAMES, InputFile, OutputFile
+from .job import Job
+from .supervisor import Supervisor
+
+
+def merge_counts(a: Any, b: Any) -> Any:
+    """Add two worker results: numbers add, mappings merge key by key (recursively)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        merged = dict(a)
+        for key, value in b.items():
+            merged[key] = merge_counts(merged.get(key), value)
+        return merged
+    return a + b
+
+
+def _as_output(value: Any) -> Any:
+    return OutputFile(value) if isinstance(value, (str, os.PathLike)) else value
+
+
+def _as_inputs(input: Any, inputs: Any) -> list[InputFile]:
+    if (input is None) == (inputs is None):
+        raise ValueError("give either input= or inputs=")
+    paths = [input] if input is not None else list(inputs)
+    return [p if isinstance(p, InputFile) else InputFile(os.fspath(p)) for p in paths]
+
+
+class Workflow:
+    """A builder for a graph of jobs connected by FIFOs; :meth:`run` runs it.
+
+    After a successful run, ``result_dict`` maps each job name to its
+    function's return value and ``job_stats`` to its time and memory use;
+    after a failed one (``run`` raised :class:`WorkflowError`), ``exc_dict``
+    maps each failed job to its traceback.
+    """
+
+    def __init__(
+        self,
+        name: str = "workflow",
+        *,
+        start_method: str | None = None,
+        pipe_size: int | None = None,
+        tmp_dir: str | None = None,
+        stop_grace: float = 0.5,
+    ) -> None:
+        self.name = name
+        self.start_method = start_method
+        self.pipe_size = pipe_size
+        self.tmp_dir = tmp_dir
+        self.stop_grace = stop_grace
+        self._items: list[Job | Workflow] = []
+        self._name_counts: dict[str, int] = {}
+        self.result_dict: dict[str, Any] = {}
+        self.exc_dict: dict[str, str] = {}
+        self.job_stats: dict[str, dict[str, float]] = {}
+
+    # mrfifo spelled it both ways
+    @property
+    def results_dict(self) -> dict[str, Any]:
+        return self.result_dict
+
+    # -- building ---------------------------------------------------------------
+
+    def _job_name(self, pattern: str) -> str:
+        count = self._name_counts.get(pattern, 0)
+        self._name_counts[pattern] = count + 1
+        return pattern.replace("{workflow}", self.name).replace("{n}", str(count))
+
+    def add_job(
+        self,
+        *args: Any,
+        func: Callable[..., Any],
+        job_name: str = "{workflow}.job{n}",
+        manage_fifos: bool = True,
+        _manage_fifos: bool | None = None,
+        **kwargs: Any,
+    ) -> Workflow:
+        """Add one job running ``func(*args, **kwargs)``.
+
+        FIFO specs among the arguments become open file objects (or paths, with
+        ``manage_fifos=False``; ``_manage_fifos`` is mrfifo's spelling).
+        """
+        if not callable(func):
+            raise TypeError(f"func must be callable, not {func!r}")
+        managed = manage_fifos if _manage_fifos is None else _manage_fifos
+        self._items.append(Job(self._job_name(job_name), func, args, kwargs, managed))
+        return self
+
+    def reader(
+        self,
+        input: str | None = None,
+        *,
+        inputs: list[str] | None = None,
+        output: FIFO = FIFO("input", "wb"),
+        func: Callable[..., Any] = parts.read_files,
+        job_name: str = "{workflow}.reader{n}",
+        **kwargs: Any,
+    ) -> Workflow:
+        """Copy one or more files (``-``: stdin) into ``output``, as they are."""
+        return self.add_job(func=func, job_name=job_name, inputs=_as_inputs(input, inputs), output=output, **kwargs)
+
+    def gz_reader(
+        self,
+        input: str | None = None,
+        *,
+        inputs: list[str] | None = None,
+        output: FIFO = FIFO("input", "wb"),
+        func: Callable[..., Any] = parts.read_gz_or_plain,
+        job_name: str = "{workflow}.gz_reader{n}",
+        **kwargs: Any,
+    ) -> Workflow:
+        """Like :meth:`reader`, decompressing gzip inputs (plain ones pass as they are)."""
+        return self.add_job(func=func, job_name=job_name, inputs=_as_inputs(input, inputs), output=output, **kwargs)
+
+    def distribute(
+        self,
+        input: Any,
+        outputs: Any,
+        *,
+        chunk_size: int = 1,
+        header_detect_func: Callable[[str], object] | None = None,
+        header_prefix: str | bytes | None = None,
+        header_broadcast: bool = False,
+        header_fifo: Any = None,
+        by: int | None = None,
+        field_sep: str = "\t",
+        func: Callable[..., Any] = parts.distribute_lines,
+        job_name: str = "{workflow}.dist{n}",
+        **kwargs: Any,
+    ) -> Workflow:
+        """Split ``input`` over ``outputs``: round-robin in chunks of lines, or by key.
+
+        ``by=k`` sends each line to the output chosen by a stable hash of its
+        k-th ``field_sep``-separated field. Leading lines matching
+        ``header_detect_func`` or ``header_prefix`` are the header: sent to
+        ``header_fifo`` and/or, with ``header_broadcast``, to every output.
+        """
+        if (header_fifo or header_broadcast) and header_detect_func is None and header_prefix is None:
+            raise ValueError("header_fifo and header_broadcast need header_detect_func or header_prefix")
+        return self.add_job(
+            func=func,
+            job_name=job_name,
+            input=input,
+            outputs=outputs,
+            chunk_size=chunk_size,
+            header_detect_func=header_detect_func,
+            header_prefix=header_prefix,
+            header_broadcast=header_broadcast,
+            header_fifo=header_fifo or None,
+            by=by,
+            field_sep=field_sep,
+            **kwargs,
+        )
+
+    def workers(
+        self,
+        *args: Any,
+        func: Callable[..., Any],
+        n: int = 4,
+        job_name: str = "{workflow}.worker{n}",
+        **kwargs: Any,
+    ) -> Workflow:
+        """Add ``n`` jobs running ``func``; ``{n}`` in FIFO names becomes 0 … n-1."""
+        if n < 1:
+            raise ValueError(f"workers needs n >= 1, not {n}")
+
+        def for_worker(value: Any, i: int) -> Any:
+            if isinstance(value, FIFO):
+                return value.for_worker(i)
+            if isinstance(value, (list, tuple)):
+                return type(value)(for_worker(v, i) for v in value)
+            return value
+
+        for i in range(n):
+            self.add_job(
+                *(for_worker(a, i) for a in args),
+                func=func,
+                job_name=job_name,
+                **{k: for_worker(v, i) for k, v in kwargs.items()},
+            )
+        return self
+
+    def collect(
+        self,
+        inputs: Any,
+        output: Any = "-",
+        *,
+        header_fifo: Any = None,
+        order: str = "any",
+        chunk_size: int = 1,
+        func: Callable[..., Any] = parts.collect_lines,
+        job_name: str = "{workflow}.collect{n}",
+        **kwargs: Any,
+    ) -> Workflow:
+        """Merge ``inputs`` into ``output`` (a FIFO, a file path or ``-``), header first.
+
+        ``order="any"`` takes whole lines from whichever input has data;
+        ``order="round-robin"`` takes ``chunk_size`` lines from each in turn.
+        """
+        return self.add_job(
+            func=func,
+            job_name=job_name,
+            inputs=inputs,
+            output=_as_output(output),
+            header_fifo=header_fifo or None,
+            order=order,
+            chunk_size=chunk_size,
+            **kwargs,
+        )
+
+    def funnel(
+        self,
+        *args: Any,
+        func: Callable[..., Any] = parts.write_file,
+        job_name: str = "{workflow}.funnel{n}",
+        **kwargs: Any,
+    ) -> Workflow:
+        """Add a job with a single output; a path given as ``output`` is atomic."""
+        if "output" in kwargs:
+            kwargs["output"] = _as_output(kwargs["output"])
+        return self.add_job(*args, func=func, job_name=job_name, **kwargs)
+
+    def subworkflow(self, name: str = "subworkflow") -> Workflow:
+        """A nested workflow that runs after the jobs declared before it.
+
+        Add jobs to the returned builder; it shares this workflow's settings
+        and its results land in this workflow's ``result_dict``.
+        """
+        sub = Workflow(
+            name,
+            start_method=self.start_method,
+            pipe_size=self.pipe_size,
+            tmp_dir=self.tmp_dir,
+            stop_grace=self.stop_grace,
+        )
+        self._items.append(sub)
+        return sub
+
+    # -- inspecting -------------------------------------------------------------
+
+    def phases(self) -> list[list[Job]]:
+        """The jobs in groups that run one after the other (split at sub-workflows)."""
+        groups: list[list[Job]] = []
+        current: list[Job] = []
+        for item in self._items:
+            if isinstance(item, Workflow):
+                if current:
+                    groups.append(current)
+                    current = []
+                groups.extend(item.phases())
+            else:
+                current.append(item)
+        if current:
+            groups.append(current)
+        return groups
+
+    def jobs(self) -> list[Job]:
+        return [job for phase in self.phases() for job in phase]
+
+    def results(self, pattern: str = "*") -> list[Any]:
+        """Return values of the jobs whose names match the glob ``pattern``, in name order."""
+        return [self.result_dict[name] for name in sorted(self.result_dict) if fnmatch.fnmatchcase(name, pattern)]
+
+    def reduce(
+        self,
+        pattern: str = "*.worker*",
+        combine: Callable[[Any, Any], Any] = merge_counts,
+        initial: Any = None,
+    ) -> Any:
+        """Fold the results of the matching jobs with ``combine`` (default: sum counters)."""
+        return functools.reduce(combine, self.results(pattern), initial)
+
+    def validate(self) -> None:
+        """Raise WorkflowError for a graph that could not run; starts nothing."""
+        problems: list[str] = []
+        written_before: set[str] = set()
+        all_outputs: dict[str, str] = {}
+        for phase in self.phases():
+            writers: dict[str, list[str]] = {}
+            readers: dict[str, list[str]] = {}
+            for job in phase:
+                for name, is_reader in job.fifo_ends():
+                    (readers if is_reader else writers).setdefault(name, []).append(job.name)
+            for name in sorted(set(writers) | set(readers)):
+                w, r = writers.get(name, []), readers.get(name, [])
+                if not w:
+                    problems.append(f"FIFO '{name}' is read by {', '.join(r)} but written by no job")
+                elif not r:
+                    problems.append(f"FIFO '{name}' is written by {', '.join(w)} but read by no job")
+                if len(w) > 1:
+                    problems.append(f"FIFO '{name}' is written by more than one job: {', '.join(w)}")
+                if len(r) > 1:
+                    problems.append(f"FIFO '{name}' is read by more than one job: {', '.join(r)}")
+            phase_outputs: set[str] = set()
+            for job in phase:
+                for spec in job.specs():
+                    if isinstance(spec, InputFile) and os.path.abspath(spec.path) not in written_before:
+                        problem = spec.check()
+                        if problem:
+                            problems.append(f"{job.name}: {problem}")
+                    elif isinstance(spec, OutputFile) and not spec.is_special:
+                        path = os.path.abspath(spec.path)
+                        problem = spec.check()
+                        if problem:
+                            problems.append(f"{job.name}: {problem}")
+                        if path in all_outputs:
+                            problems.append(f"output '{spec.path}' is written by both {all_outputs[path]} and {job.name}")
+                        all_outputs[path] = job.name
+                        phase_outputs.add(path)
+            written_before |= phase_outputs
+        if problems:
+            raise WorkflowError(f"workflow '{self.name}': " + "; ".join(problems))
+
+    # -- running ----------------------------------------------------------------
+
+    def run(self, timeout: float | None = None) -> Workflow:
+        """Run every phase; returns self, raises WorkflowError on any failure.
+
+        ``timeout`` (seconds) bounds the whole run. SIGINT and SIGTERM stop
+        every job and clean up before the exception propagates.
+        """
+        self.validate()
+        self.result_dict.clear()
+        self.exc_dict.clear()
+        self.job_stats.clear()
+        context = multiprocessing.get_context(self.start_method)
+        pipe_size = self.pipe_size or pipe_max_size()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        temp_outputs: dict[str, str] = {}
+        fifo_dir = tempfile.mkdtemp(prefix=f"bamflow-{re.sub(r'[^A-Za-z0-9_.-]', '_', self.name)[:40]}-", dir=self.tmp_dir)
+        succeeded = False
+        try:
+            with _sigterm_raises():
+                for number, phase in enumerate(self.phases()):
+                    fifo_paths = self._make_fifos(phase, os.path.join(fifo_dir, str(number)))
+                    for job in phase:
+                        for spec in job.specs():
+                            if isinstance(spec, OutputFile):
+                                temp_outputs.setdefault(spec.path, spec.temporary_path())
+                    supervisor = Supervisor(phase, context, fifo_paths, temp_outputs, pipe_size, self.stop_grace)
+                    try:
+                        outcomes = supervisor.run(deadline)
+                    except WorkflowError as e:
+                        self.exc_dict.update(e.exc_dict)
+                        self.result_dict.update(e.result_dict)
+                        e.exc_dict, e.result_dict = dict(self.exc_dict), dict(self.result_dict)
+                        raise
+                    for name, outcome in outcomes.items():
+                        self.result_dict[name] = outcome.result
+                        self.job_stats[name] = outcome.usage
+                    shutil.rmtree(os.path.join(fifo_dir, str(number)), ignore_errors=True)
+            self._publish(temp_outputs)
+            succeeded = True
+        finally:
+            shutil.rmtree(fifo_dir, ignore_errors=True)
+            if not succeeded:
+                for temp in temp_outputs.values():
+                    if temp not in STDOUT_NAMES and not temp.startswith("/dev/"):
+                        try:
+                            os.unlink(temp)
+                        except FileNotFoundError:
+                            pass
+        return self
+
+    @staticmethod
+    def _make_fifos(phase: list[Job], folder: str) -> dict[str, str]:
+        os.mkdir(folder, 0o700)
+        names = sorted({name for job in phase for name, _ in job.fifo_ends()})
+        paths = {}
+        for i, name in enumerate(names):
+            # FIFO names are free text; the file name must not be
+            paths[name] = os.path.join(folder, f"{i}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[:60]}")
+            os.mkfifo(paths[name], 0o600)
+        return paths
+
+    def _publish(self, temp_outputs: dict[str, str]) -> None:
+        for final, temp in temp_outputs.items():
+            if temp == final:
+                continue
+            if not os.path.exists(temp):
+                raise WorkflowError(f"workflow '{self.name}': no job wrote the output '{final}'")
+        for final, temp in temp_outputs.items():
+            if temp != final:
+                os.replace(temp, final)
+
+    def __repr__(self) -> str:
+        return f"Workflow({self.name!r}, jobs={[job.name for job in self.jobs()]})"
+
+
+class _Terminated(Exception):
+    pass
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While running, SIGTERM raises WorkflowError (so cleanup runs) instead of killing us."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise WorkflowError("workflow stopped by SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,15 @@
+"""Only lists the Cython extensions; all metadata is in pyproject.toml."""
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+extensions = [
+    Extension("bamflow.kernels.lines", ["bamflow/kernels/lines.pyx"]),
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        language_level=3,
+        compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True},
+    )
+)
