@@ -21,6 +21,11 @@ class InputFile:
 
     path: str
 
+    @property
+    def key(self) -> str:
+        """The same for an InputFile and an OutputFile naming the same file."""
+        return self.path if self.path in STDIN_NAMES else os.path.abspath(self.path)
+
     def check(self) -> str | None:
         """A one-line problem with this input, or None."""
         if self.path in STDIN_NAMES:
@@ -39,6 +44,11 @@ class OutputFile:
     """A file a job writes; it appears under its name only if the run succeeds."""
 
     path: str
+
+    @property
+    def key(self) -> str:
+        """The same for an InputFile and an OutputFile naming the same file."""
+        return self.path if self.is_special else os.path.abspath(self.path)
 
     @property
     def is_special(self) -> bool:

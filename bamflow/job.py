@@ -168,9 +168,8 @@ def run_job(
                 names = spec.names()
                 handles = [opened[n] for n in names] if job.manage_fifos else [fifo_paths[n] for n in names]
                 return handles if spec.is_collection else handles[0]
-            if isinstance(spec, OutputFile):
-                return temp_outputs[spec.path]
-            return spec.path
+            # an earlier phase's output is read where it is being written
+            return temp_outputs.get(spec.key, spec.path)
 
         args, kwargs = job.map_args(bind)
         result = job.func(*args, **kwargs)

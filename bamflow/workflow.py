@@ -351,12 +351,12 @@ class Workflow:
             phase_outputs: set[str] = set()
             for job in phase:
                 for spec in job.specs():
-                    if isinstance(spec, InputFile) and os.path.abspath(spec.path) not in written_before:
+                    if isinstance(spec, InputFile) and spec.key not in written_before:
                         problem = spec.check()
                         if problem:
                             problems.append(f"{job.name}: {problem}")
                     elif isinstance(spec, OutputFile) and not spec.is_special:
-                        path = os.path.abspath(spec.path)
+                        path = spec.key
                         problem = spec.check()
                         if problem:
                             problems.append(f"{job.name}: {problem}")
@@ -393,7 +393,7 @@ class Workflow:
                     for job in phase:
                         for spec in job.specs():
                             if isinstance(spec, OutputFile):
-                                temp_outputs.setdefault(spec.path, spec.temporary_path())
+                                temp_outputs.setdefault(spec.key, spec.temporary_path())
                     supervisor = Supervisor(phase, context, fifo_paths, temp_outputs, pipe_size, self.stop_grace)
                     try:
                         outcomes = supervisor.run(deadline)

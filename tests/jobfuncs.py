@@ -1,0 +1,150 @@
+"""Job functions used by the tests. Module-level, so that the spawn start
+method can import them in the job processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+
+
+def pass_through(input, output):
+    i = 0
+    for line in input:
+        i += 1
+        output.write(line)
+    return i
+
+
+def is_header(line):
+    return line.startswith("@")
+
+
+def count_lines(input):
+    return sum(1 for _ in input)
+
+
+def count_by_key(input, output, field=0):
+    """Pass lines on; return {key: count} of field ``field``."""
+    counts = Counter()
+    for line in input:
+        counts[line.rstrip("\n").split("\t")[field]] += 1
+        output.write(line)
+    return dict(counts)
+
+
+def record_header_and_pass(input, output):
+    """Pass every line; return the header lines this worker saw."""
+    header = []
+    for line in input:
+        if line.startswith("@"):
+            header.append(line)
+        output.write(line)
+    return header
+
+
+def upper_case(input, output):
+    for line in input:
+        output.write(line.upper())
+    return None
+
+
+def drop_every_other(input, output):
+    kept = 0
+    for i, line in enumerate(input):
+        if i % 2 == 0:
+            output.write(line)
+            kept += 1
+    return kept
+
+
+def duplicate_lines(input, output):
+    written = 0
+    for line in input:
+        output.write(line)
+        output.write(line)
+        written += 2
+    return written
+
+
+def _note_pid(pid_dir):
+    if pid_dir:
+        with open(os.path.join(pid_dir, f"{os.getpid()}.pid"), "w") as f:
+            f.write(str(os.getpid()))
+
+
+def raise_after(input, output, after=10, stamp=None, pid_dir=None):
+    _note_pid(pid_dir)
+    for i, line in enumerate(input):
+        if i == after:
+            if stamp:
+                with open(stamp, "w") as f:
+                    f.write(repr(time.monotonic()))
+            raise ValueError(f"bad line {i}: {line.strip()!r}")
+        output.write(line)
+
+
+def exit_nonzero(input, output):
+    for i, line in enumerate(input):
+        if i == 5:
+            os._exit(3)
+        output.write(line)
+
+
+def kill_self(input, output, stamp=None):
+    for i, line in enumerate(input):
+        if i == 5:
+            if stamp:
+                with open(stamp, "w") as f:
+                    f.write(repr(time.monotonic()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        output.write(line)
+
+
+def sleep_forever(input, output, pid_dir=None):
+    """A worker that never reads its input: it must be stopped by the supervisor."""
+    _note_pid(pid_dir)
+    time.sleep(3600)
+
+
+def slow_pass_through(input, output, pid_dir=None, delay=0.001):
+    _note_pid(pid_dir)
+    for line in input:
+        time.sleep(delay)
+        output.write(line)
+
+
+def return_unpicklable(input, output):
+    for line in input:
+        output.write(line)
+    return lambda: None
+
+
+def write_text_file(output, text=""):
+    """A job with an output file and no FIFO."""
+    with open(output, "w") as f:
+        f.write(text)
+    return len(text)
+
+
+def read_text_file(input):
+    with open(input) as f:
+        return f.read()
+
+
+def unmanaged_copy(input, output):
+    """Receives FIFO paths (manage_fifos=False) and opens them itself."""
+    assert isinstance(input, str) and isinstance(output, str)
+    n = 0
+    with open(input, "rb") as src, open(output, "wb") as dst:
+        for line in src:
+            dst.write(line)
+            n += 1
+    return n
+
+
+def produce_lines(output, n=10, prefix="line"):
+    for i in range(n):
+        output.write(f"{prefix}{i}\n")
+    return n
