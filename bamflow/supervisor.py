@@ -39,7 +39,11 @@ class Outcome:
 
     @property
     def failed(self) -> bool:
-        return self.exitcode is not None and not self.succeeded and not self.stopped
+        """Ended badly on its own (a job that reported an error counts even if
+        it was stopped before it could exit)."""
+        if self.exitcode is None or self.succeeded:
+            return False
+        return not self.stopped or self.failure is not None
 
     def describe(self) -> str:
         if self.failure is not None:
@@ -170,7 +174,8 @@ class Supervisor:
         return ", ".join(r.job.name for r in self.running if r.process.is_alive()) or "none"
 
     def stop(self) -> None:
-        """Stop every job still running: SIGTERM, then SIGKILL after the grace."""
+        """Stop every job still running: SIGTERM, then SIGKILL after the grace.
+        Then collect how every job ended, including those that ended meanwhile."""
         alive = [r for r in self.running if r.process.exitcode is None]
         for r in alive:
             r.outcome.stopped = True
@@ -181,14 +186,14 @@ class Supervisor:
         for r in alive:
             if r.process.exitcode is None:
                 _signal_group(r.process.pid, signal.SIGKILL)
-        for r in alive:
-            r.process.join()
-            r.outcome.exitcode = r.process.exitcode
-            if r.conn.poll():
+        for r in self.running:
+            if r.outcome.exitcode is None:
+                r.process.join()
                 self._receive(r)
+                r.outcome.exitcode = r.process.exitcode
+                r.outcome.seen_at = time.monotonic()
             if r.outcome.succeeded:
                 r.outcome.stopped = False
-        for r in self.running:
             r.conn.close()
 
     @staticmethod
