@@ -11,6 +11,8 @@ import os
 import uuid
 from dataclasses import dataclass
 
+from .fifo import grow_pipe, pipe_max_size
+
 STDIN_NAMES = ("-", "/dev/stdin")
 STDOUT_NAMES = ("-", "/dev/stdout")
 
@@ -77,14 +79,20 @@ class OutputFile:
 
 
 def open_for_writing(path: str) -> int:
-    """A file descriptor for ``path`` (``-``: a duplicate of stdout)."""
+    """A file descriptor for ``path`` (``-``: a duplicate of stdout).
+
+    A pipe (an unmanaged FIFO, or stdout) gets the largest buffer allowed.
+    """
     if path in STDOUT_NAMES:
-        return os.dup(1)
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        fd = os.dup(1)
+    else:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    grow_pipe(fd, pipe_max_size())
+    return fd
 
 
 def open_for_reading(path: str) -> int:
-    """A file descriptor for ``path`` (``-``: a duplicate of stdin)."""
-    if path in STDIN_NAMES:
-        return os.dup(0)
-    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    """A file descriptor for ``path`` (``-``: a duplicate of stdin); pipes grown."""
+    fd = os.dup(0) if path in STDIN_NAMES else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    grow_pipe(fd, pipe_max_size())
+    return fd

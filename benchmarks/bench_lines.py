@@ -308,6 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lines", type=int, default=4_000_000, help="body lines in the generated input")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="rounds of every variant run first and not counted (fresh memory is slow on this VM kind)",
+    )
     p.add_argument("--chunk-sizes", default="1,1000", help="comma-separated distribute/collect chunk sizes (lines)")
     p.add_argument(
         "--bamflow-orders",
@@ -365,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out_dir, exist_ok=True)
 
     runs: list[dict] = []
-    for rep in range(args.repeats):
+    warmup_failures: list[dict] = []
+    for rep in range(-args.warmup, args.repeats):
         for chunk in chunk_sizes:
             for system, coll_order in order:
                 label = variant_label(system, coll_order)
@@ -405,14 +412,19 @@ def main(argv: list[str] | None = None) -> int:
                     "proc_wall": m["wall"],
                     "wall": inner.get("wall", m["wall"]),
                     "cpu": m["cpu"],
+                    "user": m.get("user"),
+                    "sys": m.get("sys"),
                     "max_rss_kb": m.get("max_rss_kb"),
                     "job_cpu": inner.get("job_cpu"),
                     "job_wall": inner.get("job_wall"),
                     "results": inner.get("results"),
                 }
-                runs.append(run)
+                if rep >= 0:
+                    runs.append(run)
+                elif not ok:
+                    warmup_failures.append(run)
                 print(
-                    f"[{rep + 1}/{args.repeats}] chunk={chunk:<5} {label:<22} wall {run['wall']:6.2f} s"
+                    f"[{'warm-up' if rep < 0 else f'{rep + 1}/{args.repeats}'}] chunk={chunk:<5} {label:<22} wall {run['wall']:6.2f} s"
                     f" (process {m['wall']:6.2f} s)  cpu {m['cpu']:6.2f} s  {'PASS' if ok else 'FAIL: ' + why}",
                     file=sys.stderr,
                     flush=True,
@@ -476,10 +488,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {chunk} | {coll_order} | " + " | ".join(cells) + " |")
         print()
 
+    for r in warmup_failures:
+        print(f"FAIL in warm-up: chunk={r['chunk_size']} {r['label']}: {r['check']}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "args": vars(args), "runs": runs}, f, indent=1, default=repr)
-    return 0 if all(v["ok"] for v in medians.values()) else 1
+            json.dump(
+                {"machine": info, "args": vars(args), "runs": runs, "warmup_failures": warmup_failures},
+                f,
+                indent=1,
+                default=repr,
+            )
+    return 0 if all(v["ok"] for v in medians.values()) and not warmup_failures else 1
 
 
 def _short(job_name: str) -> str:

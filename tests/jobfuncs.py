@@ -148,3 +148,23 @@ def produce_lines(output, n=10, prefix="line"):
     for i in range(n):
         output.write(f"{prefix}{i}\n")
     return n
+
+
+def pipe_sizes(input, output):
+    """Report the buffer sizes of the pipes this job was given (managed)."""
+    import fcntl
+
+    sizes = (fcntl.fcntl(input.fileno(), 1032), fcntl.fcntl(output.fileno(), 1032))
+    for line in input:
+        output.write(line)
+    return sizes
+
+
+def unmanaged_pipe_size(input):
+    """Open an unmanaged FIFO path plainly; report its buffer size."""
+    import fcntl
+
+    with open(input, "rb") as f:
+        size = fcntl.fcntl(f.fileno(), 1032)
+        f.read()
+    return size

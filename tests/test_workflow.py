@@ -14,6 +14,8 @@ from collections import Counter
 import pytest
 from conftest import assert_clean, write_lines
 from jobfuncs import (
+    pipe_sizes,
+    unmanaged_pipe_size,
     count_by_key,
     count_lines,
     duplicate_lines,
@@ -373,3 +375,28 @@ def test_merge_counts_and_reduce_pattern():
     w.result_dict.update({"r.worker0": {"a": 1}, "r.worker1": {"a": 2}, "r.dist0": {"a": 100}})
     assert w.reduce() == {"a": 3}
     assert w.reduce("r.*") == {"a": 103}
+
+
+def test_pipe_buffers_are_enlarged(tmp_path, fifo_dir):
+    """Every FIFO gets the requested buffer, also one whose reader is unmanaged."""
+    src = tmp_path / "in.txt"
+    write_lines(src, 100)
+    size = 1 << 18  # not the kernel's 64 KiB default, and within pipe-max-size
+    w = (
+        Workflow("sizes", pipe_size=size, tmp_dir=fifo_dir)
+        .reader(input=str(src), output=FIFO("input", "wb"))
+        .add_job(input=FIFO("input", "rt"), output=FIFO("mid", "wt"), func=pipe_sizes)
+        .add_job(input=FIFO("mid", "rb"), func=unmanaged_pipe_size, manage_fifos=False)
+        .run()
+    )
+    assert w.result_dict["sizes.job0"] == (size, size)
+    assert w.result_dict["sizes.job1"] == size
+    assert_clean(fifo_dir)
+
+
+def test_cli_is_installed_as_bamflow_cli():
+    """cli/ installs as bamflow.cli behind the bamflow command."""
+    done = subprocess.run(["bamflow", "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"bamflow {bf.__version__}\n"
+
