@@ -25,7 +25,7 @@ import os
 import select
 import time
 from dataclasses import dataclass
-from typing import BinaryIO, TextIO, Union
+from typing import BinaryIO, TextIO
 
 F_SETPIPE_SZ = 1031
 F_GETPIPE_SZ = 1032
@@ -33,7 +33,7 @@ DEFAULT_PIPE_SIZE = 1 << 20
 MIN_PIPE_SIZE = 1 << 16
 IO_BUFFER_SIZE = 1 << 20
 
-FifoFile = Union[BinaryIO, TextIO]
+FifoFile = BinaryIO | TextIO
 
 
 @dataclass(frozen=True)

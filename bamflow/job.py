@@ -16,8 +16,9 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .fifo import FIFO, FifoFile, open_read_end, open_write_ends, wrap_fd
 from .files import InputFile, OutputFile
@@ -107,7 +108,7 @@ def _open_fifos(job: Job, fifo_paths: dict[str, str], pipe_size: int) -> tuple[d
         for name in read_names:
             opened[name] = wrap_fd(open_read_end(fifo_paths[name], pipe_size), modes[name], name)
         fds = open_write_ends([fifo_paths[name] for name in write_names], pipe_size)
-        for name, fd in zip(write_names, fds):
+        for name, fd in zip(write_names, fds, strict=True):
             opened[name] = wrap_fd(fd, modes[name], name)
     except BaseException:
         _close_files(list(opened.values()), quiet=True)

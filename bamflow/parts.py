@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from contextlib import ExitStack
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from .files import open_for_reading, open_for_writing
 from .kernels.lines import collect_lines as _collect_lines_kernel
 from .kernels.lines import distribute_lines as _distribute_lines_kernel
+
+if TYPE_CHECKING:
+    from .kernels.lines import CollectStats, DistributeStats
 
 COPY_BLOCK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
@@ -83,7 +87,7 @@ def read_gz_or_plain(inputs: list[str], output: Any) -> int:
     with ExitStack() as stack:
         out_fd = _fd(output, True, stack)
         for path in inputs:
-            with io.open(open_for_reading(path), "rb", buffering=COPY_BLOCK) as raw:
+            with io.BufferedReader(io.FileIO(open_for_reading(path), "rb"), COPY_BLOCK) as raw:
                 if raw.peek(2)[:2] != GZIP_MAGIC:
                     total += _copy_stream(raw, out_fd)
                     continue
@@ -117,7 +121,7 @@ def distribute_lines(
     header_fifo: Any = None,
     by: int | None = None,
     field_sep: str = "\t",
-) -> dict[str, Any]:
+) -> DistributeStats:
     """Split the lines of ``input`` over ``outputs`` (see :meth:`Workflow.distribute`)."""
     if isinstance(header_prefix, str):
         header_prefix = header_prefix.encode()
@@ -149,7 +153,7 @@ def collect_lines(
     header_fifo: Any = None,
     order: str = "any",
     chunk_size: int = 1,
-) -> dict[str, Any]:
+) -> CollectStats:
     """Merge the lines of ``inputs`` into ``output``, header first (see :meth:`Workflow.collect`)."""
     with ExitStack() as stack:
         in_fds = [_fd(i, False, stack) for i in inputs]

@@ -45,16 +45,18 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from . import parts
 from .errors import WorkflowError
 from .fifo import FIFO, pipe_max_size
-from .files import STDIN_NAMES, STDOUT_NAMES, InputFile, OutputFile
+from .files import STDOUT_NAMES, InputFile, OutputFile
 from .job import Job
 from .supervisor import Supervisor
+
+READER_OUTPUT = FIFO("input", "wb")  # FIFO specs are immutable: safe as a default
 
 
 def merge_counts(a: Any, b: Any) -> Any:
@@ -72,7 +74,7 @@ def merge_counts(a: Any, b: Any) -> Any:
 
 
 def _as_output(value: Any) -> Any:
-    return OutputFile(value) if isinstance(value, (str, os.PathLike)) else value
+    return OutputFile(os.fspath(value)) if isinstance(value, (str, os.PathLike)) else value
 
 
 def _as_inputs(input: Any, inputs: Any) -> list[InputFile]:
@@ -148,7 +150,7 @@ class Workflow:
         input: str | None = None,
         *,
         inputs: list[str] | None = None,
-        output: FIFO = FIFO("input", "wb"),
+        output: FIFO = READER_OUTPUT,
         func: Callable[..., Any] = parts.read_files,
         job_name: str = "{workflow}.reader{n}",
         **kwargs: Any,
@@ -161,7 +163,7 @@ class Workflow:
         input: str | None = None,
         *,
         inputs: list[str] | None = None,
-        output: FIFO = FIFO("input", "wb"),
+        output: FIFO = READER_OUTPUT,
         func: Callable[..., Any] = parts.read_gz_or_plain,
         job_name: str = "{workflow}.gz_reader{n}",
         **kwargs: Any,
@@ -442,10 +444,6 @@ class Workflow:
 
     def __repr__(self) -> str:
         return f"Workflow({self.name!r}, jobs={[job.name for job in self.jobs()]})"
-
-
-class _Terminated(Exception):
-    pass
 
 
 @contextmanager

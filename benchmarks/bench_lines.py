@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -244,22 +245,44 @@ def run_one(args: argparse.Namespace) -> int:
 # -- the driver -----------------------------------------------------------------------
 
 
+def _kill_tree(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def spawn_and_measure(cmd: list[str], timeout: float) -> dict:
     """Run ``cmd``; returns its wall time, its process tree's CPU time, its exit status.
 
     ``os.wait4`` gives the rusage of the child including every descendant it
-    reaped (all job processes, and mrfifo's Manager server).
+    reaped (all job processes, and mrfifo's Manager server). The child leads
+    its own process group, so that a run that hangs (or Ctrl-C here) can be
+    stopped with everything it started: mrfifo's jobs do not die with their
+    parent.
     """
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd)
-    timer = threading.Timer(timeout, proc.kill)  # its job processes die with it or see broken pipes
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    timed_out = threading.Event()
+
+    def on_timeout() -> None:
+        timed_out.set()
+        _kill_tree(proc.pid)
+
+    timer = threading.Timer(timeout, on_timeout)
     timer.start()
     try:
         _, status, ru = os.wait4(proc.pid, 0)
+    except BaseException:
+        _kill_tree(proc.pid)
+        proc.wait()
+        raise
     finally:
         timer.cancel()
     wall = time.monotonic() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
+    if timed_out.is_set() or proc.returncode != 0:
+        _kill_tree(proc.pid)  # whatever it left behind
     return {
         "wall": wall,
         "cpu": ru.ru_utime + ru.ru_stime,
@@ -267,7 +290,7 @@ def spawn_and_measure(cmd: list[str], timeout: float) -> dict:
         "sys": ru.ru_stime,
         "max_rss_kb": ru.ru_maxrss,
         "exit": proc.returncode,
-        "timeout": wall >= timeout and proc.returncode == -9,
+        "timeout": timed_out.is_set(),
     }
 
 
@@ -435,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     # -- summary -------------------------------------------------------------------------
     n_total = expected["lines"]
     print()
+    print("Command: " + " ".join(["python", os.path.relpath(os.path.abspath(__file__))] + sys.argv[1:]))
     print(f"Machine: {info['nproc']} CPUs, {info['cpu']}, Python {info['python']}, Linux {info['kernel']}, {info['date']}")
     print(f"bamflow {info['versions']['bamflow']}, mrfifo {info['versions']['mrfifo']}")
     print(
@@ -442,20 +466,21 @@ def main(argv: list[str] | None = None) -> int:
         f" {N_WORKERS} workers; medians of {args.repeats} interleaved runs"
     )
     print()
-    print("| chunk | system | wall s | CPU s | lines/s | MB/s | check |")
-    print("|---:|---|---:|---:|---:|---:|---|")
+    print("| chunk | system | wall s | process wall s | CPU s | lines/s | MB/s | check |")
+    print("|---:|---|---:|---:|---:|---:|---:|---|")
     medians: dict[tuple[int, str], dict] = {}
     for chunk in chunk_sizes:
         for system, coll_order in order:
             label = variant_label(system, coll_order)
             rs = [r for r in runs if r["chunk_size"] == chunk and r["label"] == label]
             wall = statistics.median(r["wall"] for r in rs)
+            proc_wall = statistics.median(r["proc_wall"] for r in rs)
             cpu = statistics.median(r["cpu"] for r in rs)
             n_ok = sum(r["ok"] for r in rs)
             check = "PASS" if n_ok == len(rs) else f"FAIL ({len(rs) - n_ok}/{len(rs)})"
             medians[(chunk, label)] = {"wall": wall, "cpu": cpu, "ok": n_ok == len(rs)}
             print(
-                f"| {chunk} | {label} | {wall:.2f} | {cpu:.2f} | {n_total / wall / 1e6:.2f} M"
+                f"| {chunk} | {label} | {wall:.2f} | {proc_wall:.2f} | {cpu:.2f} | {n_total / wall / 1e6:.2f} M"
                 f" | {size_mb / wall:.0f} | {check} |"
             )
     print()

@@ -14,18 +14,18 @@ from collections import Counter
 import pytest
 from conftest import assert_clean, write_lines
 from jobfuncs import (
-    pipe_sizes,
-    unmanaged_pipe_size,
     count_by_key,
     count_lines,
-    duplicate_lines,
     drop_every_other,
+    duplicate_lines,
     is_header,
     pass_through,
+    pipe_sizes,
     produce_lines,
     read_text_file,
     record_header_and_pass,
     unmanaged_copy,
+    unmanaged_pipe_size,
     upper_case,
     write_text_file,
 )

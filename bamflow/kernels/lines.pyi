@@ -1,4 +1,5 @@
-from typing import Callable, Iterable, TypedDict
+from collections.abc import Callable, Iterable
+from typing import TypedDict
 
 class DistributeStats(TypedDict):
     lines: int
