@@ -4,6 +4,7 @@ from setuptools import Extension, setup
 
 extensions = [
     Extension("bamflow.kernels.lines", ["bamflow/kernels/lines.pyx"]),
+    Extension("bamflow.kernels.bam", ["bamflow/kernels/bam.pyx"]),
 ]
 
 setup(

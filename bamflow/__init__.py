@@ -4,6 +4,7 @@ The engine runs each stage of a workflow as an OS process and connects the
 stages with FIFOs; see :mod:`bamflow.workflow` for the data flow.
 """
 
+from .bam.api import RunStats, map_reads, map_reduce
 from .errors import WorkflowError
 from .fifo import FIFO
 from .files import InputFile, OutputFile
@@ -19,6 +20,9 @@ __all__ = [
     "OutputFile",
     "Workflow",
     "WorkflowError",
+    "RunStats",
+    "map_reads",
+    "map_reduce",
     "merge_counts",
     "__version__",
 ]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import uuid
+from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Any
 
 from .fifo import grow_pipe, pipe_max_size
 
@@ -96,3 +98,21 @@ def open_for_reading(path: str) -> int:
     fd = os.dup(0) if path in STDIN_NAMES else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     grow_pipe(fd, pipe_max_size())
     return fd
+
+
+def fd_of(target: Any, writing: bool, stack: ExitStack) -> int:
+    """The file descriptor behind an open file, or of a path opened here and
+    closed when ``stack`` closes (``-``: stdin or stdout)."""
+    if hasattr(target, "fileno"):
+        if writing:
+            target.flush()
+        return target.fileno()
+    fd = open_for_writing(target) if writing else open_for_reading(target)
+    stack.callback(os.close, fd)
+    return fd
+
+
+def write_all(fd: int, data: memoryview) -> None:
+    """os.write until all of ``data`` is written."""
+    while data:
+        data = data[os.write(fd, data) :]

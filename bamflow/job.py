@@ -177,11 +177,12 @@ def run_job(
         _close_files(files, quiet=False)
         message: tuple = ("ok", result, _usage(t0))
     except BaseException as e:
+        failed_at = time.monotonic()  # before closing: downstream jobs see EOF then
         _close_files(files, quiet=True)
         failure = Failure(
             summary=f"{type(e).__name__}: {e}" if str(e) else type(e).__name__,
             traceback=traceback.format_exc(),
-            time=time.monotonic(),
+            time=failed_at,
             broken_pipe=_is_broken_pipe(e),
         )
         message = ("error", failure, _usage(t0))

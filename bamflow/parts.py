@@ -13,7 +13,9 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
-from .files import open_for_reading, open_for_writing
+from .bam.stages import decode_bam as bam_reader  # noqa: F401  (mrfifo's names)
+from .bam.stages import encode_bam as bam_writer  # noqa: F401
+from .files import fd_of, open_for_reading, write_all
 from .kernels.lines import collect_lines as _collect_lines_kernel
 from .kernels.lines import distribute_lines as _distribute_lines_kernel
 
@@ -22,22 +24,6 @@ if TYPE_CHECKING:
 
 COPY_BLOCK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
-
-
-def _fd(target: Any, writing: bool, stack: ExitStack) -> int:
-    """The file descriptor behind an open file, or of a path opened here."""
-    if hasattr(target, "fileno"):
-        if writing:
-            target.flush()
-        return target.fileno()
-    fd = open_for_writing(target) if writing else open_for_reading(target)
-    stack.callback(os.close, fd)
-    return fd
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        data = data[os.write(fd, data) :]
 
 
 def _copy(in_fd: int, out_fd: int) -> int:
@@ -61,7 +47,7 @@ def _copy(in_fd: int, out_fd: int) -> int:
         n = os.readv(in_fd, [buffer])
         if n == 0:
             return total
-        _write_all(out_fd, view[:n])
+        write_all(out_fd, view[:n])
         total += n
 
 
@@ -69,7 +55,7 @@ def read_files(inputs: list[str], output: Any) -> int:
     """Copy each input file (``-``: stdin) in turn to ``output``; returns bytes copied."""
     total = 0
     with ExitStack() as stack:
-        out_fd = _fd(output, True, stack)
+        out_fd = fd_of(output, True, stack)
         for path in inputs:
             fd = open_for_reading(path)
             try:
@@ -85,7 +71,7 @@ def read_gz_or_plain(inputs: list[str], output: Any) -> int:
 
     total = 0
     with ExitStack() as stack:
-        out_fd = _fd(output, True, stack)
+        out_fd = fd_of(output, True, stack)
         for path in inputs:
             with io.BufferedReader(io.FileIO(open_for_reading(path), "rb"), COPY_BLOCK) as raw:
                 if raw.peek(2)[:2] != GZIP_MAGIC:
@@ -107,7 +93,7 @@ def _copy_stream(stream: Any, out_fd: int) -> int:
         block = stream.read(COPY_BLOCK)
         if not block:
             return total
-        _write_all(out_fd, memoryview(block))
+        write_all(out_fd, memoryview(block))
         total += len(block)
 
 
@@ -126,12 +112,12 @@ def distribute_lines(
     if isinstance(header_prefix, str):
         header_prefix = header_prefix.encode()
     with ExitStack() as stack:
-        in_fd = _fd(input, False, stack)
-        out_fds = [_fd(o, True, stack) for o in outputs]
+        in_fd = fd_of(input, False, stack)
+        out_fds = [fd_of(o, True, stack) for o in outputs]
         header_fd = -1
         if header_fifo is not None:
             # the kernel owns (and closes, as soon as the header ends) its own descriptor
-            header_fd = os.dup(_fd(header_fifo, True, stack))
+            header_fd = os.dup(fd_of(header_fifo, True, stack))
             if hasattr(header_fifo, "close"):
                 header_fifo.close()
         return _distribute_lines_kernel(
@@ -156,13 +142,13 @@ def collect_lines(
 ) -> CollectStats:
     """Merge the lines of ``inputs`` into ``output``, header first (see :meth:`Workflow.collect`)."""
     with ExitStack() as stack:
-        in_fds = [_fd(i, False, stack) for i in inputs]
-        header_fd = -1 if header_fifo is None else _fd(header_fifo, False, stack)
-        out_fd = _fd(output, True, stack)
+        in_fds = [fd_of(i, False, stack) for i in inputs]
+        header_fd = -1 if header_fifo is None else fd_of(header_fifo, False, stack)
+        out_fd = fd_of(output, True, stack)
         return _collect_lines_kernel(in_fds, out_fd, header_fd=header_fd, order=order, chunk_size=chunk_size)
 
 
 def write_file(input: Any, output: Any) -> int:
     """Copy ``input`` (an open FIFO or a path) to ``output`` (a path or ``-``); returns bytes."""
     with ExitStack() as stack:
-        return _copy(_fd(input, False, stack), _fd(output, True, stack))
+        return _copy(fd_of(input, False, stack), fd_of(output, True, stack))

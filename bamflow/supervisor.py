@@ -3,8 +3,8 @@
 The supervisor waits on two things at once: the result pipe of every job and
 the sentinel of every process. So a job that raises, exits with a non-zero
 status, or is killed (even by SIGKILL, which leaves no message) is seen at
-once, and then every other job is stopped: SIGTERM to its process group,
-SIGKILL after a short grace. Nothing waits on a peer that will never come.
+once, and then every other job is stopped: after 0.2 s in which jobs ending
+anyway may still report, SIGTERM to its process group, SIGKILL 0.5 s later. Nothing waits on a peer that will never come.
 """
 
 from __future__ import annotations
@@ -88,8 +88,10 @@ class Supervisor:
         temp_outputs: dict[str, str],
         pipe_size: int,
         stop_grace: float = 0.5,
+        report_grace: float = 0.2,
     ) -> None:
         self.jobs = jobs
+        self.report_grace = report_grace
         self.context = context
         self.fifo_paths = fifo_paths
         self.temp_outputs = temp_outputs
@@ -170,12 +172,30 @@ class Supervisor:
         else:
             r.outcome.failure = payload
 
+    def _let_failing_jobs_report(self) -> None:
+        """Wait briefly for jobs that are ending anyway: a job failing at the same
+        moment as another may be the cause, and must not be killed mid-report."""
+        end = time.monotonic() + self.report_grace
+        waiting: dict[Any, _Running] = {}
+        for r in self.running:
+            if r.process.exitcode is None:
+                waiting[r.process.sentinel] = r
+                if not r.conn.closed:
+                    waiting[r.conn] = r
+        while waiting and time.monotonic() < end:
+            ready = multiprocessing.connection.wait(list(waiting), timeout=max(0.0, end - time.monotonic()))
+            for obj in ready:
+                r = waiting.pop(obj)
+                if obj is r.conn:
+                    self._receive(r)
+
     def _names_alive(self) -> str:
         return ", ".join(r.job.name for r in self.running if r.process.is_alive()) or "none"
 
     def stop(self) -> None:
         """Stop every job still running: SIGTERM, then SIGKILL after the grace.
         Then collect how every job ended, including those that ended meanwhile."""
+        self._let_failing_jobs_report()
         alive = [r for r in self.running if r.process.exitcode is None]
         for r in alive:
             r.outcome.stopped = True

@@ -50,13 +50,16 @@ from contextlib import contextmanager
 from typing import Any
 
 from . import parts
+from .bam import stages as bam_stages
 from .errors import WorkflowError
 from .fifo import FIFO, pipe_max_size
 from .files import STDOUT_NAMES, InputFile, OutputFile
 from .job import Job
 from .supervisor import Supervisor
 
-READER_OUTPUT = FIFO("input", "wb")  # FIFO specs are immutable: safe as a default
+# FIFO specs are immutable: safe as defaults
+READER_OUTPUT = FIFO("input", "wb")
+BAM_READER_OUTPUT = FIFO("input_bam", "wb")
 
 
 def merge_counts(a: Any, b: Any) -> Any:
@@ -278,6 +281,113 @@ class Workflow:
         if "output" in kwargs:
             kwargs["output"] = _as_output(kwargs["output"])
         return self.add_job(*args, func=func, job_name=job_name, **kwargs)
+
+    # -- BAM stages: raw BAM streams (binary records) between jobs ------------------
+
+    def BAM_reader(
+        self,
+        input: str = "-",
+        *,
+        output: FIFO = BAM_READER_OUTPUT,
+        threads: int = 2,
+        func: Callable[..., Any] = bam_stages.decode_bam,
+        job_name: str = "{workflow}.BAM_reader{n}",
+        **kwargs: Any,
+    ) -> Workflow:
+        """Decode a BAM, uncompressed BAM or SAM file (``-``: stdin) into a raw BAM
+        stream; BGZF is decompressed in ``threads`` threads."""
+        return self.add_job(func=func, job_name=job_name, input=InputFile(os.fspath(input)), output=output, threads=threads, **kwargs)
+
+    bam_reader = BAM_reader
+
+    def distribute_bam(
+        self,
+        input: Any,
+        outputs: Any,
+        *,
+        by: Any = None,
+        chunk_size: int = 1000,
+        missing: str = "error",
+        unassigned: Any = None,
+        header_fifo: Any = None,
+        header_broadcast: bool = True,
+        mark_chunks: bool = False,
+        func: Callable[..., Any] = bam_stages.distribute_records,
+        job_name: str = "{workflow}.dist{n}",
+        **kwargs: Any,
+    ) -> Workflow:
+        """Deal the records of a raw BAM stream to ``outputs``.
+
+        ``by``: None (round-robin in chunks of ``chunk_size`` records), ``"name"``
+        (mates meet), or a list of tags such as ``[b"CB"]`` / ``[b"CB", b"UB"]``
+        (a stable hash of the full values). Reads without the tag: ``missing=``
+        ``"error"``, ``"drop"`` or ``"unassigned"`` (to the ``unassigned`` FIFO).
+        Each output gets the header first (``header_broadcast``) so pysam can
+        read it; ``header_fifo`` gets it too. ``mark_chunks`` ends every chunk
+        with a marker record, so ``collect_bam(order="input")`` can restore the
+        input order whatever the workers drop or add.
+        """
+        return self.add_job(
+            func=func,
+            job_name=job_name,
+            input=input,
+            outputs=outputs,
+            by=by,
+            chunk_size=chunk_size,
+            missing=missing,
+            unassigned=unassigned,
+            header_fifo=header_fifo,
+            header_broadcast=header_broadcast,
+            mark_chunks=mark_chunks,
+            **kwargs,
+        )
+
+    def collect_bam(
+        self,
+        inputs: Any,
+        output: Any,
+        *,
+        header_fifo: Any = None,
+        order: str = "any",
+        func: Callable[..., Any] = bam_stages.collect_records,
+        job_name: str = "{workflow}.collect{n}",
+        **kwargs: Any,
+    ) -> Workflow:
+        """Merge BAM record streams into one raw BAM stream, header first.
+
+        ``order``: ``"any"`` (fastest), ``"input"`` (chunks in turn, after
+        ``distribute_bam(mark_chunks=True)``), ``"coordinate"`` or ``"tag:XX"``
+        (k-way merge of sorted inputs; an unsorted input is an error).
+        """
+        return self.add_job(
+            func=func, job_name=job_name, inputs=inputs, output=_as_output(output), header_fifo=header_fifo, order=order, **kwargs
+        )
+
+    def BAM_writer(
+        self,
+        input: Any,
+        output: Any = "-",
+        *,
+        level: int | str | None = None,
+        threads: int = 2,
+        fmt: str = "bam",
+        command_line: str | None = None,
+        func: Callable[..., Any] = bam_stages.encode_bam,
+        job_name: str = "{workflow}.BAM_writer{n}",
+        **kwargs: Any,
+    ) -> Workflow:
+        """Write a raw BAM stream as BAM (BGZF compressed in ``threads`` threads),
+        uncompressed BAM (``fmt="ubam"``) or SAM, adding one @PG line."""
+        if level is not None:
+            kwargs["level"] = level
+        if command_line is None:
+            command_line = f"{self.name} (bamflow Python API)"
+        return self.add_job(
+            func=func, job_name=job_name, input=input, output=_as_output(output), threads=threads, fmt=fmt,
+            command_line=command_line, **kwargs,
+        )
+
+    bam_writer = BAM_writer
 
     def subworkflow(self, name: str = "subworkflow") -> Workflow:
         """A nested workflow that runs after the jobs declared before it.

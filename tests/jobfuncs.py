@@ -168,3 +168,47 @@ def unmanaged_pipe_size(input):
         size = fcntl.fcntl(f.fileno(), 1032)
         f.read()
     return size
+
+
+# -- per-read functions for bamflow.map_reads / map_reduce ------------------------
+
+
+def tag_with_length(read):
+    """Set a tag derived from the read: its name's length."""
+    read.set_tag("XL", len(read.query_name))
+    return read
+
+
+def drop_odd_numbered(read):
+    """Keep reads whose name ends in an even digit; mark the kept ones."""
+    if int(read.query_name[-1]) % 2:
+        return None
+    read.set_tag("XK", 1)
+    return read
+
+
+def emit_twice(read):
+    """Return the read and a copy with a suffixed name."""
+    import pysam
+
+    copy = pysam.AlignedSegment.from_dict(read.to_dict(), read.header)
+    copy.query_name = read.query_name + "_copy"
+    return [read, copy]
+
+
+def names_by_cell(reads, out):
+    """map_reduce: {CB: [read names]} for this worker's share."""
+    cells = {}
+    for read in reads:
+        cells.setdefault(read.get_tag("CB") if read.has_tag("CB") else "", []).append(read.query_name)
+    return cells
+
+
+def count_and_copy(reads, out):
+    """map_reduce with an output: copy every read, count per CB."""
+    counts = {}
+    for read in reads:
+        cb = read.get_tag("CB")
+        counts[cb] = counts.get(cb, 0) + 1
+        out.write(read)
+    return counts

@@ -1,0 +1,1 @@
+"""BAM stages: decode, distribute and collect binary records, encode."""

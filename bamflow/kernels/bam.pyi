@@ -1,0 +1,44 @@
+from typing import Iterable, Literal, TypedDict
+
+class DistributeStats(TypedDict):
+    records: int
+    per_output: list[int]
+    dropped_missing_tag: int
+    unassigned: int
+    header_bytes: int
+    bytes: int
+
+class CollectStats(TypedDict):
+    records: int
+    per_input: list[int]
+    header_bytes: int
+
+CHUNK_END_NAME: bytes
+CHUNK_END_RECORD: bytes
+
+def split_header(data: bytes | bytearray | memoryview) -> int: ...
+def distribute_bam(
+    in_fd: int,
+    out_fds: Iterable[int],
+    *,
+    by: Literal["name"] | Iterable[bytes | str] | None = None,
+    chunk_size: int = 1000,
+    missing: Literal["error", "drop", "unassigned"] = "error",
+    unassigned_fd: int = -1,
+    header_fd: int = -1,
+    header_broadcast: bool = True,
+    mark_chunks: bool = False,
+    buffer_size: int = 1 << 20,
+    out_buffer_size: int = 1 << 16,
+) -> DistributeStats: ...
+def collect_bam(
+    in_fds: Iterable[int],
+    out_fd: int,
+    *,
+    order: Literal["any", "input", "coordinate", "tag"] = "any",
+    header_fd: int = -1,
+    tag: bytes | str | None = None,
+    buffer_size: int = 1 << 20,
+    out_buffer_size: int = 1 << 20,
+    read_ahead: int = 0,
+) -> CollectStats: ...

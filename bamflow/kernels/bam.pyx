@@ -1,0 +1,1211 @@
+# cython: language_level=3
+"""BAM kernels: split a raw (uncompressed) BAM stream over N outputs, merge N back.
+
+A raw BAM stream is what BGZF decompression of a ``.bam`` file gives:
+``BAM\\1``, ``l_text``, the header text, ``n_ref`` references, then records,
+each a little-endian ``uint32`` ``block_size`` followed by that many bytes
+(SAM specification, section 4.2). Both kernels work on file descriptors and
+raw buffers; no Python object is made per record (only error messages make
+some). Record indexes in error messages are 0-based and count records of the
+stream in question.
+
+Canonical tag value bytes (used to hash and to compare tag values):
+``Z``/``H`` the string without its NUL; ``A`` the character; the integer types
+``c C s S i I`` the value as a decimal ASCII integer (so ``CB:i:5`` stored as
+``C`` or as ``I`` gives ``b"5"``); ``f`` the 4 raw little-endian bytes; ``B``
+the subtype character, the 4 count bytes and the raw array bytes. Several
+tags combine as ``value1 + b"\\0" + value2 ...``.
+"""
+
+from libc.errno cimport EINTR, errno
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memchr, memcmp, memcpy, memmove, strerror, strlen
+from posix.unistd cimport close
+
+from isal.isal_zlib import decompress as _inflate
+
+from bamflow.kernels._posixio cimport (
+    POLLERR, POLLHUP, POLLIN, POLLNVAL, fnv1a64, poll, pollfd, read_some, wait_readable,
+    write_all,
+)
+
+cdef enum:
+    MAX_TAGS = 16
+
+# The record that ends a chunk when order must be kept (distribute_bam's
+# mark_chunks, collect_bam's order="input"): an unmapped read with this name.
+CHUNK_END_NAME = b"bamflow:chunk-end"
+
+
+def _chunk_end_record() -> bytes:
+    import struct
+
+    name = CHUNK_END_NAME + b"\x00"
+    # refID pos l_read_name mapq bin n_cigar flag l_seq next_refID next_pos tlen
+    fixed = struct.pack("<iiBBHHHIiii", -1, -1, len(name), 255, 4680, 0, 4, 0, -1, -1, 0)
+    return struct.pack("<I", len(fixed) + len(name)) + fixed + name
+
+
+CHUNK_END_RECORD = _chunk_end_record()
+
+
+cdef inline bint _is_chunk_end(const uint8_t *rec, uint32_t block_size) noexcept:
+    cdef Py_ssize_t l = len(CHUNK_END_NAME) + 1
+    return block_size >= 32 + l and rec[8] == l and memcmp(rec + 32, <const char *> CHUNK_END_NAME, l) == 0
+
+
+cdef int _raise_errno(str what) except -1:
+    cdef int err = errno
+    raise OSError(err, f"{what}: {strerror(err).decode()}")
+
+
+cdef inline uint32_t _u32(const uint8_t *p) noexcept nogil:
+    return <uint32_t> p[0] | (<uint32_t> p[1] << 8) | (<uint32_t> p[2] << 16) | (<uint32_t> p[3] << 24)
+
+
+cdef inline uint16_t _u16(const uint8_t *p) noexcept nogil:
+    return <uint16_t> (p[0] | (p[1] << 8))
+
+
+cdef str _name_of(const uint8_t *rec, uint32_t block_size):
+    """The read name of a record (for messages), as safely as the record allows."""
+    cdef Py_ssize_t l = rec[8] if block_size >= 32 else 0
+    if l < 1 or 32 + l > block_size:
+        return "?"
+    return (<const char *> rec + 32)[:l - 1].decode("utf-8", "replace")
+
+
+# -- output staging ---------------------------------------------------------------
+
+cdef struct OutBuf:
+    int fd
+    char *data
+    Py_ssize_t used
+    Py_ssize_t cap
+    long long records
+
+
+cdef int _flush(OutBuf *o) except -1:
+    if o.used:
+        if write_all(o.fd, o.data, o.used) < 0:
+            _raise_errno("write")
+        o.used = 0
+    return 0
+
+
+cdef inline int _put(OutBuf *o, const char *data, Py_ssize_t length) except -1:
+    if o.used + length > o.cap:
+        _flush(o)
+        if length >= o.cap:
+            if write_all(o.fd, data, length) < 0:
+                _raise_errno("write")
+            return 0
+    memcpy(o.data + o.used, data, length)
+    o.used += length
+    return 0
+
+
+cdef OutBuf *_new_outbufs(list fds, Py_ssize_t cap) except NULL:
+    cdef Py_ssize_t i, n = len(fds)
+    cdef OutBuf *outs = <OutBuf *> calloc(n if n else 1, sizeof(OutBuf))
+    if outs == NULL:
+        raise MemoryError()
+    for i in range(n):
+        outs[i].fd = fds[i]
+        outs[i].cap = cap
+        outs[i].data = <char *> malloc(cap)
+        if outs[i].data == NULL:
+            _free_outbufs(outs, n)
+            raise MemoryError()
+    return outs
+
+
+cdef void _free_outbufs(OutBuf *outs, Py_ssize_t n) noexcept:
+    cdef Py_ssize_t i
+    if outs == NULL:
+        return
+    for i in range(n):
+        free(outs[i].data)
+    free(outs)
+
+
+# -- input buffering --------------------------------------------------------------
+
+cdef struct InBuf:
+    int fd
+    char *data
+    Py_ssize_t start
+    Py_ssize_t end
+    Py_ssize_t cap
+    bint eof
+    long long records
+    # a stream that starts with gzip magic is BGZF (pysam workers write
+    # uncompressed BAM as BGZF level 0): its raw bytes wait in ``wire`` until
+    # whole blocks can be unwrapped into ``data``
+    bint sniffed
+    bint bgzf
+    char *wire
+    Py_ssize_t wstart
+    Py_ssize_t wend
+    Py_ssize_t wcap
+    long long wire_offset  # stream offset of wire[wstart], for messages
+
+
+cdef int _reserve_data(InBuf *ib, Py_ssize_t more) except -1:
+    """Room for ``more`` bytes at ib.end."""
+    cdef char *grown
+    cdef Py_ssize_t new_cap
+    if ib.end + more <= ib.cap:
+        return 0
+    new_cap = 2 * ib.cap
+    if new_cap < ib.end + more:
+        new_cap = ib.end + more
+    grown = <char *> realloc(ib.data, new_cap)
+    if grown == NULL:
+        raise MemoryError()
+    ib.data = grown
+    ib.cap = new_cap
+    return 0
+
+
+cdef Py_ssize_t _fill(InBuf *ib, Py_ssize_t need) except -1:
+    """Read once into ib, first making room for ``need`` bytes from ``start``."""
+    cdef Py_ssize_t n
+    if ib.start == ib.end:
+        ib.start = ib.end = 0
+    elif ib.start > 0:  # at most one partial record is left: cheap to move
+        memmove(ib.data, ib.data + ib.start, ib.end - ib.start)
+        ib.end -= ib.start
+        ib.start = 0
+    if ib.end == ib.cap or need > ib.cap:
+        _reserve_data(ib, need - ib.end if need - ib.end > 1 else 1)
+    if ib.bgzf:
+        return _fill_bgzf(ib)
+    n = read_some(ib.fd, ib.data + ib.end, ib.cap - ib.end)
+    if n < 0:
+        _raise_errno("read")
+    if n == 0:
+        ib.eof = True
+    ib.end += n
+    if not ib.sniffed and (ib.end >= 2 or ib.eof):
+        ib.sniffed = True
+        if ib.end >= 2 and <uint8_t> ib.data[0] == 0x1f and <uint8_t> ib.data[1] == 0x8b:
+            # BGZF: what was read is wire bytes, not BAM bytes
+            ib.bgzf = True
+            ib.wcap = 1 << 17
+            if ib.wcap < ib.end:
+                ib.wcap = ib.end
+            ib.wire = <char *> malloc(ib.wcap)
+            if ib.wire == NULL:
+                raise MemoryError()
+            memcpy(ib.wire, ib.data, ib.end)
+            ib.wstart = 0
+            ib.wend = ib.end
+            ib.end = ib.start = 0
+            eof = ib.eof
+            ib.eof = False
+            _unwrap_bgzf(ib)
+            if eof:
+                _end_of_wire(ib)
+    return n
+
+
+cdef Py_ssize_t _fill_bgzf(InBuf *ib) except -1:
+    cdef char *grown
+    cdef Py_ssize_t n
+    if ib.wstart == ib.wend:
+        ib.wstart = ib.wend = 0
+    elif ib.wstart > 0:
+        memmove(ib.wire, ib.wire + ib.wstart, ib.wend - ib.wstart)
+        ib.wend -= ib.wstart
+        ib.wstart = 0
+    if ib.wend == ib.wcap:
+        grown = <char *> realloc(ib.wire, 2 * ib.wcap)
+        if grown == NULL:
+            raise MemoryError()
+        ib.wire = grown
+        ib.wcap *= 2
+    n = read_some(ib.fd, ib.wire + ib.wend, ib.wcap - ib.wend)
+    if n < 0:
+        _raise_errno("read")
+    ib.wend += n
+    _unwrap_bgzf(ib)
+    if n == 0:
+        _end_of_wire(ib)
+    return n
+
+
+cdef int _end_of_wire(InBuf *ib) except -1:
+    if ib.wend > ib.wstart:
+        raise ValueError(f"BGZF stream ends inside a block at offset {ib.wire_offset}")
+    ib.eof = True
+    return 0
+
+
+cdef int _unwrap_bgzf(InBuf *ib) except -1:
+    """Move the payload of every whole BGZF block in the wire buffer to data.
+
+    Stored (level 0) blocks are copied; compressed ones are inflated."""
+    cdef const uint8_t *p
+    cdef const uint8_t *cdata
+    cdef Py_ssize_t avail, xlen, q, total, clen
+    cdef long bsize
+    cdef uint32_t isize
+    cdef bytes inflated
+    while True:
+        avail = ib.wend - ib.wstart
+        if avail < 12:
+            return 0
+        p = <const uint8_t *> ib.wire + ib.wstart
+        if p[0] != 0x1f or p[1] != 0x8b or p[2] != 8 or not (p[3] & 4):
+            raise ValueError(f"not a BGZF block at offset {ib.wire_offset}")
+        xlen = _u16(p + 10)
+        if avail < 12 + xlen:
+            return 0
+        bsize = -1
+        q = 12
+        while q + 4 <= 12 + xlen:
+            if p[q] == 66 and p[q + 1] == 67 and _u16(p + q + 2) == 2 and q + 6 <= 12 + xlen:
+                bsize = _u16(p + q + 4)
+            q += 4 + _u16(p + q + 2)
+        if bsize < 0:
+            raise ValueError(f"gzip block without a BGZF size field at offset {ib.wire_offset}")
+        total = bsize + 1
+        if total < 12 + xlen + 8:
+            raise ValueError(f"bad BGZF block size at offset {ib.wire_offset}")
+        if avail < total:
+            return 0
+        isize = _u32(p + total - 4)
+        cdata = p + 12 + xlen
+        clen = total - 12 - xlen - 8
+        if isize:
+            _reserve_data(ib, isize)
+            p = <const uint8_t *> ib.wire + ib.wstart  # (the wire buffer did not move)
+            cdata = p + 12 + xlen
+            if clen == isize + 5 and cdata[0] == 1 and _u16(cdata + 1) == isize and _u16(cdata + 3) == (~isize & 0xffff):
+                memcpy(ib.data + ib.end, cdata + 5, isize)
+            else:
+                try:
+                    inflated = _inflate((<const char *> cdata)[:clen], -15)
+                except Exception as e:
+                    raise ValueError(f"corrupt BGZF block at offset {ib.wire_offset}: {e}") from None
+                if <uint32_t> len(inflated) != isize:
+                    raise ValueError(f"corrupt BGZF block at offset {ib.wire_offset}: size mismatch")
+                memcpy(ib.data + ib.end, <const char *> inflated, isize)
+            ib.end += isize
+        ib.wstart += total
+        ib.wire_offset += total
+
+
+cdef int _init_inbuf(InBuf *ib, int fd, Py_ssize_t cap) except -1:
+    ib.fd = fd
+    ib.cap = cap
+    ib.start = ib.end = 0
+    ib.eof = False
+    ib.records = 0
+    ib.sniffed = ib.bgzf = False
+    ib.wire = NULL
+    ib.wstart = ib.wend = ib.wcap = 0
+    ib.wire_offset = 0
+    ib.data = <char *> malloc(cap)
+    if ib.data == NULL:
+        raise MemoryError()
+    return 0
+
+
+# -- header parsing (resumable, so that a header arriving byte by byte costs O(n)) --
+
+cdef struct HdrState:
+    Py_ssize_t off      # bytes of header parsed so far
+    Py_ssize_t need     # bytes (from the header's start) needed for the next step
+    int stage           # 0 magic+l_text, 1 n_ref, 2 references, 3 done
+    int32_t n_ref
+    int32_t refs_done
+
+
+cdef void _hdr_init(HdrState *st) noexcept:
+    st.off = 0
+    st.need = 8
+    st.stage = 0
+    st.n_ref = 0
+    st.refs_done = 0
+
+
+cdef int _hdr_step(HdrState *st, const uint8_t *p, Py_ssize_t n, str where) except -1:
+    """Parse on from st.off over p[0:n]; 1 when the header is complete, else 0
+    with st.need set. Raises ValueError on a stream that is not a BAM header."""
+    cdef int32_t v
+    while True:
+        if st.stage == 0:
+            if memcmp(p, b"BAM\x01", n if n < 4 else 4) != 0:
+                hint = "; BGZF-compressed? decompress first" if n >= 2 and p[0] == 0x1f and p[1] == 0x8b else ""
+                raise ValueError(f"{where}not a BAM stream (magic {(<const char *> p)[:(n if n < 4 else 4)]!r}{hint})")
+            if n < 8:
+                st.need = 8
+                return 0
+            v = <int32_t> _u32(p + 4)
+            if v < 0:
+                raise ValueError(f"{where}bad BAM header (l_text {v})")
+            st.off = 8 + <Py_ssize_t> v
+            st.stage = 1
+        elif st.stage == 1:
+            if n < st.off + 4:
+                st.need = st.off + 4
+                return 0
+            v = <int32_t> _u32(p + st.off)
+            if v < 0:
+                raise ValueError(f"{where}bad BAM header (n_ref {v})")
+            st.n_ref = v
+            st.off += 4
+            st.stage = 2
+        elif st.stage == 2:
+            if st.refs_done == st.n_ref:
+                st.stage = 3
+                st.need = st.off
+                return 1
+            if n < st.off + 4:
+                st.need = st.off + 4
+                return 0
+            v = <int32_t> _u32(p + st.off)
+            if v < 1:
+                raise ValueError(f"{where}bad BAM header (reference {st.refs_done}: l_name {v})")
+            if n < st.off + 4 + v + 4:
+                st.need = st.off + 4 + v + 4
+                return 0
+            st.off += 4 + v + 4
+            st.refs_done += 1
+        else:
+            return 1
+
+
+def split_header(const unsigned char[:] data not None):
+    """Length of the raw BAM header (magic to the last reference) at the start of data.
+
+    Raises ValueError ``not a BAM stream (...)`` or ``truncated BAM header``.
+    """
+    cdef HdrState st
+    cdef Py_ssize_t n = data.shape[0]
+    _hdr_init(&st)
+    if n == 0:
+        raise ValueError("not a BAM stream (empty)")
+    if _hdr_step(&st, &data[0], n, "") == 1:
+        return st.off
+    raise ValueError("truncated BAM header")
+
+
+cdef int _read_header(InBuf *ib, HdrState *st, str where) except -1:
+    """Block until ib holds the whole header at ib.data[ib.start:]; raises at EOF."""
+    _hdr_init(st)
+    while True:
+        if ib.end - ib.start > 0 and _hdr_step(st, <const uint8_t *> ib.data + ib.start,
+                                               ib.end - ib.start, where) == 1:
+            return 0
+        if ib.eof:
+            if ib.end == ib.start:
+                raise ValueError(f"{where}not a BAM stream (empty)")
+            raise ValueError(f"{where}truncated BAM header")
+        if wait_readable(ib.fd) < 0:
+            _raise_errno("poll")
+        _fill(ib, st.need)
+
+
+# -- records ----------------------------------------------------------------------
+
+cdef inline Py_ssize_t _aux_offset(const uint8_t *rec, uint32_t block_size, long long index) except -1:
+    """Check a record's fixed part; return where its aux block starts."""
+    cdef Py_ssize_t l_read_name, n_cigar, l_seq, off
+    if block_size < 32:
+        raise ValueError(f"record {index}: block_size {block_size} < 32")
+    l_read_name = rec[8]
+    n_cigar = _u16(rec + 12)
+    l_seq = _u32(rec + 16)
+    off = 32 + l_read_name
+    if l_read_name < 1 or off > block_size or rec[off - 1] != 0:
+        raise ValueError(f"record {index}: l_read_name {l_read_name} inconsistent with the record")
+    off += 4 * n_cigar + ((l_seq + 1) >> 1) + l_seq
+    if off > block_size:
+        raise ValueError(f"record {index} (read {_name_of(rec, block_size)!r}): "
+                         f"cigar/seq/qual run past the record end")
+    return off
+
+
+cdef inline Py_ssize_t _b_elem_size(uint8_t sub) noexcept nogil:
+    if sub == b'c' or sub == b'C':
+        return 1
+    if sub == b's' or sub == b'S':
+        return 2
+    if sub == b'i' or sub == b'I' or sub == b'f':
+        return 4
+    return 0
+
+
+cdef int _find_tags(const uint8_t *rec, uint32_t block_size, Py_ssize_t aux,
+                    const uint16_t *tags, int n_tags, const uint8_t **found,
+                    long long index) except -1:
+    """Walk the aux block; found[i] = the type char of tags[i] (value follows) or NULL.
+
+    Stops as soon as every tag is found. Returns the number found.
+    """
+    cdef const uint8_t *p = rec + aux
+    cdef const uint8_t *end = rec + block_size
+    cdef const uint8_t *z
+    cdef uint16_t t
+    cdef uint8_t typ
+    cdef Py_ssize_t size, elem
+    cdef int i, n_found = 0
+    for i in range(n_tags):
+        found[i] = NULL
+    while p < end:
+        if end - p < 3:
+            raise ValueError(f"record {index} (read {_name_of(rec, block_size)!r}): aux data runs past the record end")
+        t = _u16(p)
+        typ = p[2]
+        if typ == b'A' or typ == b'c' or typ == b'C':
+            size = 1
+        elif typ == b's' or typ == b'S':
+            size = 2
+        elif typ == b'i' or typ == b'I' or typ == b'f':
+            size = 4
+        elif typ == b'Z' or typ == b'H':
+            z = <const uint8_t *> memchr(p + 3, 0, end - (p + 3))
+            if z == NULL:
+                raise ValueError(f"record {index} (read {_name_of(rec, block_size)!r}): "
+                                 f"unterminated {chr(typ)} tag {(<const char *> p)[:2].decode('latin-1')}")
+            size = z - (p + 3) + 1
+        elif typ == b'B':
+            if end - p < 8:
+                raise ValueError(f"record {index} (read {_name_of(rec, block_size)!r}): aux data runs past the record end")
+            elem = _b_elem_size(p[3])
+            if elem == 0:
+                raise ValueError(f"record {index} (read {_name_of(rec, block_size)!r}): "
+                                 f"bad B array subtype {chr(p[3])!r} in tag {(<const char *> p)[:2].decode('latin-1')}")
+            size = 5 + elem * <Py_ssize_t> _u32(p + 4)
+        else:
+            raise ValueError(f"record {index} (read {_name_of(rec, block_size)!r}): "
+                             f"bad tag type {chr(typ)!r} in tag {(<const char *> p)[:2].decode('latin-1')}")
+        if size > end - (p + 3):
+            raise ValueError(f"record {index} (read {_name_of(rec, block_size)!r}): aux data runs past the record end")
+        for i in range(n_tags):
+            if tags[i] == t and found[i] == NULL:
+                found[i] = p + 2
+                n_found += 1
+                if n_found == n_tags:
+                    return n_found
+        p += 3 + size
+    return n_found
+
+
+cdef struct Scratch:
+    uint8_t *data
+    Py_ssize_t used
+    Py_ssize_t cap
+
+
+cdef int _reserve(Scratch *s, Py_ssize_t more) except -1:
+    cdef Py_ssize_t new_cap
+    cdef uint8_t *grown
+    if s.used + more <= s.cap:
+        return 0
+    new_cap = 2 * s.cap + more + 64
+    grown = <uint8_t *> realloc(s.data, new_cap)
+    if grown == NULL:
+        raise MemoryError()
+    s.data = grown
+    s.cap = new_cap
+    return 0
+
+
+cdef int _append_canonical(Scratch *s, const uint8_t *tv) except -1:
+    """Append the canonical bytes of the tag value at tv (its type char) to s.
+
+    The aux walk has already checked that the value lies inside the record.
+    """
+    cdef uint8_t typ = tv[0]
+    cdef const uint8_t *v = tv + 1
+    cdef int64_t x
+    cdef uint64_t ux
+    cdef Py_ssize_t n
+    cdef uint8_t digits[24]
+    cdef int k
+    if typ == b'Z' or typ == b'H':
+        n = <Py_ssize_t> strlen(<const char *> v)  # the aux walk found its NUL
+        _reserve(s, n)
+        memcpy(s.data + s.used, v, n)
+        s.used += n
+        return 0
+    if typ == b'A':
+        _reserve(s, 1)
+        s.data[s.used] = v[0]
+        s.used += 1
+        return 0
+    if typ == b'f':
+        _reserve(s, 4)
+        memcpy(s.data + s.used, v, 4)
+        s.used += 4
+        return 0
+    if typ == b'B':
+        n = 5 + _b_elem_size(v[0]) * <Py_ssize_t> _u32(v + 1)
+        _reserve(s, n)
+        memcpy(s.data + s.used, v, n)
+        s.used += n
+        return 0
+    if typ == b'c':
+        x = <int8_t> v[0]
+    elif typ == b'C':
+        x = v[0]
+    elif typ == b's':
+        x = <int16_t> _u16(v)
+    elif typ == b'S':
+        x = _u16(v)
+    elif typ == b'i':
+        x = <int32_t> _u32(v)
+    else:  # 'I'
+        x = _u32(v)
+    _reserve(s, 21)
+    if x < 0:
+        s.data[s.used] = 45  # '-'
+        s.used += 1
+        ux = <uint64_t> (-x)
+    else:
+        ux = <uint64_t> x
+    k = 0
+    while True:
+        digits[k] = <uint8_t> (48 + ux % 10)  # '0' + digit
+        k += 1
+        ux //= 10
+        if ux == 0:
+            break
+    while k > 0:
+        k -= 1
+        s.data[s.used] = digits[k]
+        s.used += 1
+    return 0
+
+
+cdef int _parse_tags(object by, uint16_t *tags, list names) except -1:
+    cdef int n = 0
+    for tag in by:
+        if isinstance(tag, str):
+            tag = tag.encode("ascii")
+        if not isinstance(tag, (bytes, bytearray)) or len(tag) != 2:
+            raise ValueError(f"tags must be 2-byte names like b'CB', not {tag!r}")
+        if n == MAX_TAGS:
+            raise ValueError(f"at most {MAX_TAGS} tags")
+        tags[n] = <uint16_t> (tag[0] | (tag[1] << 8))
+        names.append(bytes(tag).decode("latin-1"))
+        n += 1
+    if n == 0:
+        raise ValueError("by needs at least one tag")
+    return n
+
+
+# -- distribute -------------------------------------------------------------------
+
+def distribute_bam(
+    int in_fd,
+    out_fds,
+    *,
+    by=None,
+    Py_ssize_t chunk_size=1000,
+    str missing="error",
+    int unassigned_fd=-1,
+    int header_fd=-1,
+    bint header_broadcast=True,
+    bint mark_chunks=False,
+    Py_ssize_t buffer_size=1 << 20,
+    Py_ssize_t out_buffer_size=1 << 16,
+):
+    """Send the records of the raw BAM stream on ``in_fd`` to ``out_fds``.
+
+    The header (magic to the last reference) goes to every output (and to
+    ``unassigned_fd``) when ``header_broadcast``, so that each is a complete raw
+    BAM stream, and to ``header_fd``, which this function closes right after.
+
+    ``by=None``: round-robin in chunks of ``chunk_size`` records; with
+    ``mark_chunks`` every whole chunk is followed by :data:`CHUNK_END_RECORD`,
+    so that ``collect_bam(order="input")`` can put the input order back.
+    ``by="name"``: output ``fnv1a64(read name) % n``, so mates meet.
+    ``by=[b"CB", ...]``: output ``fnv1a64(canonical tag values joined by NUL) % n``.
+    A record missing one of the tags: ``missing="error"`` raises ValueError,
+    ``"drop"`` drops it, ``"unassigned"`` writes it to ``unassigned_fd``.
+
+    Every record's fixed part is checked; the aux block is walked (and so
+    checked) only when distributing by tags, and only up to the last tag wanted.
+
+    Returns a dict: ``records``, ``per_output``, ``dropped_missing_tag``,
+    ``unassigned``, ``header_bytes``, ``bytes`` (read).
+    """
+    cdef list fds = [int(fd) for fd in out_fds]
+    cdef Py_ssize_t n_out = len(fds)
+    if n_out < 1:
+        raise ValueError("distribute_bam needs at least one output")
+    if chunk_size < 1 or buffer_size < 1 or out_buffer_size < 1:
+        raise ValueError("chunk_size, buffer_size and out_buffer_size must be >= 1")
+    if missing not in ("error", "drop", "unassigned"):
+        raise ValueError(f"missing must be 'error', 'drop' or 'unassigned', not {missing!r}")
+    cdef int mode = 0  # 0 round-robin, 1 name, 2 tags
+    cdef uint16_t tags[MAX_TAGS]
+    cdef const uint8_t *found[MAX_TAGS]
+    cdef list tag_names = []
+    cdef int n_tags = 0
+    if by is None:
+        mode = 0
+    elif isinstance(by, str) and by == "name":
+        mode = 1
+    elif isinstance(by, (bytes, bytearray, str)):
+        raise ValueError(f"by must be None, 'name' or a list of tags like [b'CB'], not {by!r}")
+    else:
+        mode = 2
+        n_tags = _parse_tags(by, tags, tag_names)
+    cdef int miss = 0 if missing == "error" else (1 if missing == "drop" else 2)
+    if mode == 2 and miss == 2 and unassigned_fd < 0:
+        raise ValueError("missing='unassigned' needs unassigned_fd")
+    if mark_chunks and mode != 0:
+        raise ValueError("mark_chunks needs round-robin distribution (by=None)")
+    cdef bytes chunk_end = CHUNK_END_RECORD
+    cdef bint has_unassigned = unassigned_fd >= 0
+    if has_unassigned:
+        fds.append(unassigned_fd)
+
+    cdef OutBuf *outs = NULL
+    cdef OutBuf *un = NULL
+    cdef InBuf ib
+    cdef HdrState st
+    cdef Scratch key
+    cdef Py_ssize_t i, avail, aux, need, header_bytes = 0
+    cdef uint32_t bs
+    cdef const uint8_t *rec
+    cdef Py_ssize_t target = 0, in_chunk = 0
+    cdef long long records = 0, dropped = 0, unassigned = 0, bytes_read = 0
+    cdef int k = 0
+
+    ib.data = NULL
+    ib.wire = NULL
+    key.data = NULL
+    key.used = key.cap = 0
+    try:
+        outs = _new_outbufs(fds, out_buffer_size)
+        if has_unassigned:
+            un = &outs[n_out]
+        _init_inbuf(&ib, in_fd, buffer_size)
+        _read_header(&ib, &st, "")
+        header_bytes = st.off
+        bytes_read = ib.end
+        if header_fd >= 0:
+            if write_all(header_fd, ib.data + ib.start, header_bytes) < 0:
+                _raise_errno("write header")
+            close(header_fd)
+            header_fd = -1
+        if header_broadcast:
+            for i in range(n_out + has_unassigned):
+                _put(&outs[i], ib.data + ib.start, header_bytes)
+        ib.start += header_bytes
+
+        while True:
+            avail = ib.end - ib.start
+            if avail >= 4:
+                bs = _u32(<const uint8_t *> ib.data + ib.start)
+                if avail - 4 >= <Py_ssize_t> bs:
+                    rec = <const uint8_t *> ib.data + ib.start + 4
+                    aux = _aux_offset(rec, bs, records)
+                    if mode == 0:
+                        outs[target].records += 1
+                        _put(&outs[target], ib.data + ib.start, 4 + bs)
+                        in_chunk += 1
+                        if in_chunk == chunk_size:
+                            if mark_chunks:
+                                _put(&outs[target], <const char *> chunk_end, len(chunk_end))
+                            in_chunk = 0
+                            target += 1
+                            if target == n_out:
+                                target = 0
+                    elif mode == 1:
+                        i = fnv1a64(rec + 32, rec[8] - 1) % <uint64_t> n_out
+                        outs[i].records += 1
+                        _put(&outs[i], ib.data + ib.start, 4 + bs)
+                    else:
+                        if _find_tags(rec, bs, aux, tags, n_tags, found, records) == n_tags:
+                            key.used = 0
+                            for k in range(n_tags):
+                                if k:
+                                    _reserve(&key, 1)
+                                    key.data[key.used] = 0
+                                    key.used += 1
+                                _append_canonical(&key, found[k])
+                            i = fnv1a64(key.data, key.used) % <uint64_t> n_out
+                            outs[i].records += 1
+                            _put(&outs[i], ib.data + ib.start, 4 + bs)
+                        else:
+                            for k in range(n_tags):
+                                if found[k] == NULL:
+                                    break
+                            if miss == 0:
+                                raise ValueError(f"read {_name_of(rec, bs)!r} has no {tag_names[k]} tag "
+                                                 f"(record {records})")
+                            elif miss == 1:
+                                dropped += 1
+                            else:
+                                unassigned += 1
+                                _put(un, ib.data + ib.start, 4 + bs)
+                    records += 1
+                    ib.start += 4 + bs
+                    continue
+                need = 4 + <Py_ssize_t> bs
+            else:
+                need = 4
+            if ib.eof:
+                if avail:
+                    raise ValueError(f"BAM stream ends inside record {records}")
+                break
+            bytes_read += _fill(&ib, need)
+
+        for i in range(n_out + has_unassigned):
+            _flush(&outs[i])
+        return {
+            "records": records,
+            "per_output": [outs[i].records for i in range(n_out)],
+            "dropped_missing_tag": dropped,
+            "unassigned": unassigned,
+            "header_bytes": header_bytes,
+            "bytes": bytes_read,
+        }
+    finally:
+        if header_fd >= 0:
+            close(header_fd)
+        free(ib.data)
+        free(ib.wire)
+        free(key.data)
+        _free_outbufs(outs, n_out + has_unassigned)
+
+
+# -- collect ----------------------------------------------------------------------
+
+cdef struct Source:
+    InBuf ib
+    HdrState hdr
+    bint header_done
+    bint done           # merge: no head record left
+    uint64_t pos_key    # coordinate key of the head record
+    Scratch key         # tag key of the head record
+    Scratch prev        # tag key of the previous record
+    bint has_key        # the head record carries the tag
+    bint prev_has_key
+    uint64_t prev_pos_key
+    long long index     # record index of the head record
+
+
+cdef int _poll_fill(Source *srcs, Py_ssize_t n_in, pollfd *pfds, Py_ssize_t *index,
+                    OutBuf *out, Py_ssize_t must, Py_ssize_t need_must,
+                    Py_ssize_t read_ahead) except -1:
+    """Wait until some input (``must`` always included, if >= 0) is readable and
+    read once from each readable one. Inputs holding ``read_ahead`` bytes are
+    left alone (except ``must``). Returns the number of inputs polled."""
+    cdef Py_ssize_t i, k = 0, need
+    cdef int rc
+    for i in range(n_in):
+        if srcs[i].ib.eof:
+            continue
+        if i != must and read_ahead > 0 and srcs[i].ib.end - srcs[i].ib.start >= read_ahead:
+            continue
+        pfds[k].fd = srcs[i].ib.fd
+        pfds[k].events = POLLIN
+        pfds[k].revents = 0
+        index[k] = i
+        k += 1
+    if k == 0:
+        return 0
+    rc = poll(pfds, k, 0)
+    if rc == 0:
+        _flush(out)  # nothing ready: hand over what we hold before blocking
+        while True:
+            rc = poll(pfds, k, -1)
+            if rc < 0 and errno == EINTR:  # EINTR
+                continue
+            break
+    if rc < 0:
+        _raise_errno("poll")
+    for i in range(k):
+        if pfds[i].revents & POLLNVAL:
+            raise OSError(9, f"poll: input {index[i]}: bad file descriptor {pfds[i].fd}")
+        if pfds[i].revents & (POLLIN | POLLHUP | POLLERR):
+            need = need_must if index[i] == must else 0
+            _fill(&srcs[index[i]].ib, need)
+    return k
+
+
+cdef inline Py_ssize_t _complete_record(InBuf *ib) noexcept nogil:
+    """Size (4 + block_size) of the record at ib.start if it is all buffered, else
+    -(bytes needed) (-4 while the block_size itself is incomplete)."""
+    cdef Py_ssize_t avail = ib.end - ib.start
+    cdef uint32_t bs
+    if avail < 4:
+        return -4
+    bs = _u32(<const uint8_t *> ib.data + ib.start)
+    if avail - 4 >= <Py_ssize_t> bs:
+        return 4 + <Py_ssize_t> bs
+    return -(4 + <Py_ssize_t> bs)
+
+
+def collect_bam(
+    in_fds,
+    int out_fd,
+    *,
+    str order="any",
+    int header_fd=-1,
+    tag=None,
+    Py_ssize_t buffer_size=1 << 20,
+    Py_ssize_t out_buffer_size=1 << 20,
+    Py_ssize_t read_ahead=0,
+):
+    """Merge the raw BAM streams of ``in_fds`` into one raw BAM stream on ``out_fd``.
+
+    Each input starts with its own header, which is skipped; the output's
+    header is the whole of ``header_fd`` (a raw BAM header) if given, else the
+    first input's header.
+
+    ``order="any"``: whole records from whichever input has data.
+    ``order="input"``: chunks in turn, each ended by a :data:`CHUNK_END_RECORD`
+    (dropped here), as ``distribute_bam(mark_chunks=True)`` dealt them: the
+    input order comes back whatever the workers dropped or added. Other inputs
+    are read ahead without limit while one is awaited, so workers never stall.
+    ``order="coordinate"``: k-way merge by (refID as unsigned, so unmapped
+    reads with refID -1 come last, pos), ties by input index; an input that is
+    not so sorted raises ValueError.
+    ``order="tag"`` with ``tag=b"CB"``: k-way merge by the canonical bytes of
+    that tag's value (see the module doc), compared bytewise; records without
+    the tag sort FIRST (before any value, even an empty one). An input not so
+    sorted raises ValueError.
+
+    Merges keep the inputs in a binary heap keyed by (head record key, input
+    index). A merge must wait for the input whose head record is smallest;
+    while it waits it reads ahead on the others (up to ``read_ahead`` bytes
+    each; 0, the default, is no limit: a limit can deadlock workers fed by one
+    distributor, since the awaited worker may need the distributor to move on).
+    ``"any"`` checks only each record's ``block_size``; merges check each
+    record's fixed part (and ``"tag"`` walks the aux block up to the tag).
+
+    Returns a dict: ``records``, ``per_input``, ``header_bytes``.
+    """
+    cdef list fds = [int(fd) for fd in in_fds]
+    cdef Py_ssize_t n_in = len(fds)
+    if order not in ("any", "input", "coordinate", "tag"):
+        raise ValueError(f"order must be 'any', 'input', 'coordinate' or 'tag', not {order!r}")
+    if buffer_size < 1 or out_buffer_size < 1:
+        raise ValueError("buffer_size and out_buffer_size must be >= 1")
+    if header_fd < 0 and n_in == 0:
+        raise ValueError("collect_bam needs an input or a header_fd")
+    cdef int mode = {"any": 0, "coordinate": 1, "tag": 2, "input": 3}[order]
+    cdef uint16_t tags[1]
+    cdef const uint8_t *found[1]
+    cdef list tag_names = []
+    if mode == 2:
+        if tag is None:
+            raise ValueError("order='tag' needs tag, e.g. tag=b'CB'")
+        _parse_tags([tag], tags, tag_names)
+
+    cdef Source *srcs = NULL
+    cdef pollfd *pfds = NULL
+    cdef Py_ssize_t *index = NULL
+    cdef Py_ssize_t *heap = NULL
+    cdef Py_ssize_t n_heap = 0
+    cdef OutBuf out
+    cdef InBuf hib
+    cdef HdrState hst
+    cdef Source *s
+    cdef Py_ssize_t i, j, size, upto, best, header_bytes = 0, live
+    cdef long long count
+    cdef uint32_t bs
+    cdef int c
+    cdef const uint8_t *rec
+    cdef Scratch tmp
+
+    out.fd = out_fd
+    out.cap = out_buffer_size
+    out.used = 0
+    out.records = 0
+    out.data = NULL
+    hib.data = NULL
+    hib.wire = NULL
+    try:
+        out.data = <char *> malloc(out_buffer_size)
+        srcs = <Source *> calloc(n_in if n_in else 1, sizeof(Source))
+        pfds = <pollfd *> calloc(n_in if n_in else 1, sizeof(pollfd))
+        index = <Py_ssize_t *> calloc(n_in if n_in else 1, sizeof(Py_ssize_t))
+        heap = <Py_ssize_t *> calloc(n_in if n_in else 1, sizeof(Py_ssize_t))
+        if out.data == NULL or srcs == NULL or pfds == NULL or index == NULL or heap == NULL:
+            raise MemoryError()
+        for i in range(n_in):
+            _init_inbuf(&srcs[i].ib, fds[i], buffer_size)
+            _hdr_init(&srcs[i].hdr)
+
+        # -- the output header
+        if header_fd >= 0:
+            _init_inbuf(&hib, header_fd, buffer_size)
+            if wait_readable(header_fd) < 0:
+                _raise_errno("poll")
+            while not hib.eof:
+                _fill(&hib, 0)
+            _read_header(&hib, &hst, "header_fd: ")
+            if hst.off != hib.end:
+                raise ValueError(f"header_fd: {hib.end - hst.off} bytes after the BAM header")
+            header_bytes = hst.off
+            _put(&out, hib.data, header_bytes)
+        else:
+            _read_header(&srcs[0].ib, &srcs[0].hdr, "input 0: ")
+            header_bytes = srcs[0].hdr.off
+            _put(&out, srcs[0].ib.data + srcs[0].ib.start, header_bytes)
+
+        if mode == 0:
+            while True:
+                # take every complete record (after its input's header) in one go
+                for i in range(n_in):
+                    s = &srcs[i]
+                    if not s.header_done:
+                        if s.ib.end == s.ib.start:
+                            continue
+                        if _hdr_step(&s.hdr, <const uint8_t *> s.ib.data + s.ib.start,
+                                     s.ib.end - s.ib.start, f"input {i}: ") == 0:
+                            continue
+                        s.ib.start += s.hdr.off
+                        s.header_done = True
+                    upto = s.ib.start
+                    count = 0
+                    while s.ib.end - upto >= 4:
+                        bs = _u32(<const uint8_t *> s.ib.data + upto)
+                        if s.ib.end - upto - 4 < <Py_ssize_t> bs:
+                            break
+                        if bs < 32:
+                            raise ValueError(f"input {i}: record {s.ib.records + count}: "
+                                             f"block_size {bs} < 32")
+                        upto += 4 + bs
+                        count += 1
+                    if count:
+                        _put(&out, s.ib.data + s.ib.start, upto - s.ib.start)
+                        s.ib.records += count
+                        out.records += count
+                        s.ib.start = upto
+                # end of stream checks, then read more
+                live = 0
+                for i in range(n_in):
+                    s = &srcs[i]
+                    if s.ib.eof:
+                        if not s.header_done:
+                            if s.ib.end == s.ib.start:
+                                raise ValueError(f"input {i}: not a BAM stream (empty)")
+                            raise ValueError(f"input {i}: truncated BAM header")
+                        if s.ib.end > s.ib.start:
+                            raise ValueError(f"input {i}: BAM stream ends inside record {s.ib.records}")
+                    else:
+                        live += 1
+                if live == 0:
+                    break
+                _poll_fill(srcs, n_in, pfds, index, &out, -1, 0, 0)
+        elif mode == 3:
+            _collect_in_turn(srcs, n_in, pfds, index, &out)
+        else:
+            # every input's header first (each worker writes its header first)
+            for i in range(n_in):
+                s = &srcs[i]
+                if not (header_fd < 0 and i == 0):
+                    _read_header(&s.ib, &s.hdr, f"input {i}: ")
+                s.ib.start += s.hdr.off
+                s.header_done = True
+                s.index = -1
+            # load the head record of every input
+            for i in range(n_in):
+                _advance(srcs, n_in, i, pfds, index, &out, read_ahead, mode, tags, found)
+            # a binary heap of input indexes, ordered by (head key, input index)
+            for i in range(n_in):
+                if not srcs[i].done:
+                    heap[n_heap] = i
+                    n_heap += 1
+                    _sift_up(srcs, mode, heap, n_heap - 1)
+            while n_heap:
+                best = heap[0]
+                s = &srcs[best]
+                size = 4 + <Py_ssize_t> _u32(<const uint8_t *> s.ib.data + s.ib.start)
+                _put(&out, s.ib.data + s.ib.start, size)
+                out.records += 1
+                s.ib.records += 1
+                s.ib.start += size
+                _advance(srcs, n_in, best, pfds, index, &out, read_ahead, mode, tags, found)
+                if s.done:
+                    n_heap -= 1
+                    heap[0] = heap[n_heap]
+                _sift_down(srcs, mode, heap, n_heap, 0)
+
+        _flush(&out)
+        return {
+            "records": out.records,
+            "per_input": [srcs[i].ib.records for i in range(n_in)],
+            "header_bytes": header_bytes,
+        }
+    finally:
+        free(out.data)
+        free(hib.data)
+        free(hib.wire)
+        if srcs != NULL:
+            for i in range(n_in):
+                free(srcs[i].ib.data)
+                free(srcs[i].ib.wire)
+                free(srcs[i].key.data)
+                free(srcs[i].prev.data)
+        free(srcs)
+        free(pfds)
+        free(index)
+        free(heap)
+
+
+cdef inline int _key_cmp(bint a_has, Scratch *a, bint b_has, Scratch *b) noexcept:
+    """Order of tag keys: records without the tag first, then bytewise."""
+    cdef Py_ssize_t n
+    cdef int c
+    if a_has != b_has:
+        return -1 if not a_has else 1
+    if not a_has:
+        return 0
+    n = a.used if a.used < b.used else b.used
+    c = memcmp(a.data, b.data, n) if n else 0
+    if c:
+        return c
+    return (a.used > b.used) - (a.used < b.used)
+
+
+cdef inline bint _before(Source *srcs, int mode, Py_ssize_t a, Py_ssize_t b) noexcept:
+    """Whether input a's head record goes out before input b's (ties: lower index)."""
+    cdef int c
+    if mode == 1:
+        if srcs[a].pos_key != srcs[b].pos_key:
+            return srcs[a].pos_key < srcs[b].pos_key
+    else:
+        c = _key_cmp(srcs[a].has_key, &srcs[a].key, srcs[b].has_key, &srcs[b].key)
+        if c:
+            return c < 0
+    return a < b
+
+
+cdef void _sift_up(Source *srcs, int mode, Py_ssize_t *heap, Py_ssize_t i) noexcept:
+    cdef Py_ssize_t parent, tmp
+    while i > 0:
+        parent = (i - 1) >> 1
+        if not _before(srcs, mode, heap[i], heap[parent]):
+            break
+        tmp = heap[i]
+        heap[i] = heap[parent]
+        heap[parent] = tmp
+        i = parent
+
+
+cdef void _sift_down(Source *srcs, int mode, Py_ssize_t *heap, Py_ssize_t n, Py_ssize_t i) noexcept:
+    cdef Py_ssize_t child, tmp
+    while True:
+        child = 2 * i + 1
+        if child >= n:
+            return
+        if child + 1 < n and _before(srcs, mode, heap[child + 1], heap[child]):
+            child += 1
+        if not _before(srcs, mode, heap[child], heap[i]):
+            return
+        tmp = heap[i]
+        heap[i] = heap[child]
+        heap[child] = tmp
+        i = child
+
+
+cdef int _advance(Source *srcs, Py_ssize_t n_in, Py_ssize_t i, pollfd *pfds, Py_ssize_t *index,
+                  OutBuf *out, Py_ssize_t read_ahead, int mode, uint16_t *tags,
+                  const uint8_t **found) except -1:
+    """Make the next record of input i its head (reading as needed), compute its
+    key and check the input's order; mark the input done at its end."""
+    cdef Source *s = &srcs[i]
+    cdef Py_ssize_t size, aux
+    cdef const uint8_t *rec
+    cdef uint32_t bs
+    cdef uint64_t key
+    cdef Scratch swap
+    cdef str what
+    while True:
+        size = _complete_record(&s.ib)
+        if size > 0:
+            break
+        if s.ib.eof:
+            if s.ib.end > s.ib.start:
+                raise ValueError(f"input {i}: BAM stream ends inside record {s.ib.records}")
+            s.done = True
+            return 0
+        _poll_fill(srcs, n_in, pfds, index, out, i, -size, read_ahead)
+    rec = <const uint8_t *> s.ib.data + s.ib.start + 4
+    bs = <uint32_t> (size - 4)
+    try:
+        aux = _aux_offset(rec, bs, s.ib.records)
+        if mode == 1:
+            key = (<uint64_t> _u32(rec) << 32) | <uint64_t> (_u32(rec + 4) ^ 0x80000000u)
+            if s.index >= 0 and key < s.pos_key:
+                raise ValueError(f"is not coordinate-sorted at record {s.ib.records} "
+                                 f"(read {_name_of(rec, bs)!r})")
+            s.pos_key = key
+        else:
+            swap = s.prev
+            s.prev = s.key
+            s.key = swap
+            s.prev_has_key = s.has_key
+            s.key.used = 0
+            s.has_key = _find_tags(rec, bs, aux, tags, 1, found, s.ib.records) == 1
+            if s.has_key:
+                _append_canonical(&s.key, found[0])
+            if s.index >= 0 and _key_cmp(s.has_key, &s.key, s.prev_has_key, &s.prev) < 0:
+                raise ValueError(f"is not sorted by tag {(<const char *> &tags[0])[:2].decode('latin-1')} "
+                                 f"at record {s.ib.records} (read {_name_of(rec, bs)!r})")
+    except ValueError as e:
+        raise ValueError(f"input {i}: {e}" if str(e).startswith("record") else f"input {i} {e}") from None
+    s.index = s.ib.records
+    return 0
+
+
+cdef int _collect_in_turn(Source *srcs, Py_ssize_t n_in, pollfd *pfds, Py_ssize_t *index,
+                          OutBuf *out) except -1:
+    """order="input": records of input ``cur`` up to its chunk-end marker, then
+    the next input; an input at its end is finished."""
+    cdef Py_ssize_t cur = 0, finished = 0, size
+    cdef Source *s
+    cdef const uint8_t *rec
+    while finished < n_in:
+        s = &srcs[cur]
+        if s.done:
+            cur = (cur + 1) % n_in
+            continue
+        if not s.header_done:
+            if s.ib.end > s.ib.start and _hdr_step(&s.hdr, <const uint8_t *> s.ib.data + s.ib.start,
+                                                   s.ib.end - s.ib.start, f"input {cur}: ") == 1:
+                s.ib.start += s.hdr.off
+                s.header_done = True
+                continue
+            if s.ib.eof:
+                if s.ib.end == s.ib.start:
+                    raise ValueError(f"input {cur}: not a BAM stream (empty)")
+                raise ValueError(f"input {cur}: truncated BAM header")
+            _poll_fill(srcs, n_in, pfds, index, out, cur, s.hdr.need, 0)
+            continue
+        size = _complete_record(&s.ib)
+        if size > 0:
+            rec = <const uint8_t *> s.ib.data + s.ib.start + 4
+            if size < 36:
+                raise ValueError(f"input {cur}: record {s.ib.records}: block_size {size - 4} < 32")
+            s.ib.start += size
+            if _is_chunk_end(rec, <uint32_t> (size - 4)):
+                cur = (cur + 1) % n_in
+            else:
+                _put(out, <const char *> rec - 4, size)
+                s.ib.records += 1
+                out.records += 1
+            continue
+        if s.ib.eof:
+            if s.ib.end > s.ib.start:
+                raise ValueError(f"input {cur}: BAM stream ends inside record {s.ib.records}")
+            s.done = True
+            finished += 1
+            cur = (cur + 1) % n_in
+            continue
+        _poll_fill(srcs, n_in, pfds, index, out, cur, -size, 0)
+    return 0
