@@ -14,6 +14,7 @@ dropped for a stated reason, or the run fails.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,10 @@ from ..fifo import FIFO
 from ..workflow import Workflow, merge_counts
 from .header import command_line as _process_command_line
 
-CHUNK_END_NAME = "bamflow:chunk-end"
+from ..kernels.bam import CHUNK_END_NAME as _CHUNK_END_NAME
+
+CHUNK_END_NAME = _CHUNK_END_NAME.decode()
+log = logging.getLogger("bamflow")
 
 
 @dataclass
@@ -252,6 +256,7 @@ def map_reads(
             f"written by them, {collected} collected"
         )
     stats.check()
+    log.info("map_reads %s → %s: %s", input, output, stats.as_dict())
     return stats
 
 
@@ -306,4 +311,5 @@ def map_reduce(
     if output is not None:
         stats.written = w.result_dict["map_reduce.collect0"]["records"]
         stats.outputs = {os.fspath(output): stats.written}
+    log.info("map_reduce %s: %s", input, stats.as_dict())
     return stats

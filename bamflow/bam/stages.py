@@ -167,6 +167,7 @@ def encode_bam(
             BgzfWriter(io.FileIO(out_fd, "wb", closefd=False), level=0 if fmt == "ubam" else level, threads=threads)
         )
         writer.write(header.to_bytes())
+        writer.flush_block()  # records start in a fresh block, as htslib writes them
         writer.write(rest)
         total = len(rest)
         while True:
