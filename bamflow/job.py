@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import progress
 from .fifo import FIFO, FifoFile, open_read_end, open_write_ends, wrap_fd
 from .files import InputFile, OutputFile
 
@@ -154,10 +155,13 @@ def run_job(
     pipe_size: int,
     conn: Any,
     parent_pid: int | None,
+    counters: tuple[str, int] | None = None,
 ) -> None:
     """Entry point of a job process (see module docstring)."""
     t0 = time.monotonic()
     _become_job_process(parent_pid)
+    if counters is not None:
+        progress._attach_current(*counters)
     files: list[FifoFile] = []
     try:
         opened: dict[str, FifoFile] = {}

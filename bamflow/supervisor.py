@@ -14,10 +14,11 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .errors import WorkflowError
 from .job import Failure, Job, run_job
+from .progress import CounterBoard, JobProgress
 
 
 @dataclass
@@ -89,9 +90,16 @@ class Supervisor:
         pipe_size: int,
         stop_grace: float = 0.5,
         report_grace: float = 0.2,
+        counters_path: str | None = None,
+        on_progress: Callable[[list[JobProgress]], None] | None = None,
+        progress_interval: float = 0.5,
     ) -> None:
         self.jobs = jobs
         self.report_grace = report_grace
+        self.on_progress = on_progress
+        self.progress_interval = progress_interval
+        self.board = CounterBoard(counters_path, len(jobs)) if counters_path else None
+        self.started_at = time.monotonic()
         self.context = context
         self.fifo_paths = fifo_paths
         self.temp_outputs = temp_outputs
@@ -106,6 +114,10 @@ class Supervisor:
             self._watch(deadline)
         finally:
             self.stop()
+            if self.on_progress is not None:
+                self.on_progress(self.snapshot())
+            if self.board is not None:
+                self.board.close()
         outcomes = {r.job.name: r.outcome for r in self.running}
         failed = [o for o in outcomes.values() if o.failed]
         if failed:
@@ -115,11 +127,12 @@ class Supervisor:
     def _start_all(self) -> None:
         method = self.context.get_start_method()
         parent = os.getpid() if method in ("fork", "spawn") else None
-        for job in self.jobs:
+        for index, job in enumerate(self.jobs):
             receiver, sender = self.context.Pipe(duplex=False)
+            counters = (self.board.path, index) if self.board else None
             process = self.context.Process(
                 target=run_job,
-                args=(job, self.fifo_paths, self.temp_outputs, self.pipe_size, sender, parent),
+                args=(job, self.fifo_paths, self.temp_outputs, self.pipe_size, sender, parent, counters),
                 name=job.name,
             )
             try:
@@ -138,11 +151,20 @@ class Supervisor:
             waiting[r.conn] = ("message", r)
             waiting[r.process.sentinel] = ("exit", r)
         alive = len(self.running)
+        next_report = time.monotonic()
         while alive:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            now = time.monotonic()
+            if self.on_progress is not None and now >= next_report:
+                self.on_progress(self.snapshot())
+                next_report = now + self.progress_interval
+            timeout = None if deadline is None else max(0.0, deadline - now)
+            if self.on_progress is not None:
+                timeout = max(0.0, next_report - now) if timeout is None else min(timeout, max(0.0, next_report - now))
             ready = multiprocessing.connection.wait(list(waiting), timeout=timeout)
             if not ready:
-                raise WorkflowError(f"workflow timed out; still running: {self._names_alive()}")
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise WorkflowError(f"workflow timed out; still running: {self._names_alive()}")
+                continue
             for obj in ready:
                 kind, r = waiting.pop(obj)
                 if kind == "message":
@@ -188,6 +210,24 @@ class Supervisor:
                 r = waiting.pop(obj)
                 if obj is r.conn:
                     self._receive(r)
+
+    def snapshot(self) -> list[JobProgress]:
+        """Every job's state and counters, now."""
+        now = time.monotonic()
+        jobs = []
+        for index, r in enumerate(self.running):
+            if r.process.exitcode is None:
+                state = "running"
+            elif r.outcome.succeeded or (r.process.exitcode == 0 and r.outcome.failure is None):
+                state = "done"
+            elif r.outcome.stopped:
+                state = "stopped"
+            else:
+                state = "failed"
+            records, bytes_in, bytes_out, backlog = self.board.read(index) if self.board else (0, 0, 0, 0)
+            ended = now if r.process.exitcode is None or not r.outcome.seen_at else r.outcome.seen_at
+            jobs.append(JobProgress(r.job.name, state, records, bytes_in, bytes_out, backlog, ended - self.started_at))
+        return jobs
 
     def _names_alive(self) -> str:
         return ", ".join(r.job.name for r in self.running if r.process.is_alive()) or "none"

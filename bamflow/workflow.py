@@ -55,6 +55,7 @@ from .errors import WorkflowError
 from .fifo import FIFO, pipe_max_size
 from .files import STDOUT_NAMES, InputFile, OutputFile
 from .job import Job
+from .progress import JobProgress
 from .supervisor import Supervisor
 
 # FIFO specs are immutable: safe as defaults
@@ -312,6 +313,7 @@ class Workflow:
         header_fifo: Any = None,
         header_broadcast: bool = True,
         mark_chunks: bool = False,
+        count_values: bool = False,
         func: Callable[..., Any] = bam_stages.distribute_records,
         job_name: str = "{workflow}.dist{n}",
         **kwargs: Any,
@@ -325,7 +327,8 @@ class Workflow:
         Each output gets the header first (``header_broadcast``) so pysam can
         read it; ``header_fifo`` gets it too. ``mark_chunks`` ends every chunk
         with a marker record, so ``collect_bam(order="input")`` can restore the
-        input order whatever the workers drop or add.
+        input order whatever the workers drop or add. ``count_values`` (by
+        tags) returns the read count of every key value in ``values``.
         """
         return self.add_job(
             func=func,
@@ -339,6 +342,7 @@ class Workflow:
             header_fifo=header_fifo,
             header_broadcast=header_broadcast,
             mark_chunks=mark_chunks,
+            count_values=count_values,
             **kwargs,
         )
 
@@ -482,11 +486,18 @@ class Workflow:
 
     # -- running ----------------------------------------------------------------
 
-    def run(self, timeout: float | None = None) -> Workflow:
+    def run(
+        self,
+        timeout: float | None = None,
+        on_progress: Callable[[list[JobProgress]], None] | None = None,
+        progress_interval: float = 0.5,
+    ) -> Workflow:
         """Run every phase; returns self, raises WorkflowError on any failure.
 
-        ``timeout`` (seconds) bounds the whole run. SIGINT and SIGTERM stop
-        every job and clean up before the exception propagates.
+        ``timeout`` (seconds) bounds the whole run. ``on_progress`` is called
+        about every ``progress_interval`` seconds (and once at the end of each
+        phase) with a :class:`~bamflow.progress.JobProgress` per job. SIGINT
+        and SIGTERM stop every job and clean up before the exception propagates.
         """
         self.validate()
         self.result_dict.clear()
@@ -506,7 +517,17 @@ class Workflow:
                         for spec in job.specs():
                             if isinstance(spec, OutputFile):
                                 temp_outputs.setdefault(spec.key, spec.temporary_path())
-                    supervisor = Supervisor(phase, context, fifo_paths, temp_outputs, pipe_size, self.stop_grace)
+                    supervisor = Supervisor(
+                        phase,
+                        context,
+                        fifo_paths,
+                        temp_outputs,
+                        pipe_size,
+                        self.stop_grace,
+                        counters_path=os.path.join(fifo_dir, str(number), "counters"),
+                        on_progress=on_progress,
+                        progress_interval=progress_interval,
+                    )
                     try:
                         outcomes = supervisor.run(deadline)
                     except WorkflowError as e:

@@ -1,12 +1,50 @@
-"""``bamflow`` command: a thin typer layer over the Python API."""
+"""The ``bamflow`` command: a thin typer layer over the Python API.
+
+Exit status: 0 success, 1 the run failed (one error line; the child's
+traceback with --debug), 2 usage error.
+"""
 
 from __future__ import annotations
 
+import importlib
+import json
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import typer
+from rich.console import Console
 
-from bamflow import __version__
+from bamflow import WorkflowError, __version__
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="High-throughput BAM/SAM processing over named pipes.")
+from .display import ProgressDisplay, summary_table
+
+EXAMPLES = """
+Examples:
+
+  bamflow shard --by CB -n 16 -o shards/ possorted_genome_bam.bam
+
+  samtools view -u in.bam | bamflow shard --by CB,UB -o shards/ -
+
+  bamflow split --by CB --min-reads 100 -o cells/ in.bam
+
+  bamflow filter --barcodes cells.txt in.bam -o subset.bam
+
+  bamflow run my_module:fix_read --by CB -w 4 in.bam -o out.bam
+"""
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="High-throughput BAM/SAM processing over named pipes, with every read accounted for.\n" + EXAMPLES,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
 
 
 def _version(value: bool) -> None:
@@ -20,6 +58,210 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     """High-throughput BAM/SAM processing over named pipes."""
+
+
+# -- shared options ---------------------------------------------------------------------
+
+THREADS = typer.Option(2, "-@", "--threads", min=1, help="Threads for BGZF decompression and compression.")
+LEVEL = typer.Option(None, "--level", help="Compression level: 0-12 (libdeflate; 0 = none) or 'fast' (ISA-L). Default: 6.")
+STATS = typer.Option(None, "--stats", help="Write the run's statistics to this JSON file.")
+QUIET = typer.Option(False, "-q", "--quiet", help="No live display: a log line every few seconds.")
+DEBUG = typer.Option(False, "--debug", help="Show the failing job's traceback on error.")
+PROGRESS = typer.Option("auto", "--progress", help="Progress display: auto, live, log or none.")
+
+
+def _level(value: str | None) -> int | str | None:
+    if value is None or value == "fast":
+        return value
+    try:
+        level = int(value)
+    except ValueError:
+        raise typer.BadParameter(f"must be 0-12 or 'fast', not {value!r}", param_hint="--level") from None
+    if not 0 <= level <= 12:
+        raise typer.BadParameter(f"must be 0-12 or 'fast', not {value!r}", param_hint="--level")
+    return level
+
+
+@dataclass
+class Session:
+    """What every command does around its run: display, errors, stats file."""
+
+    name: str
+    input: str
+    quiet: bool
+    debug: bool
+    progress: str
+    stats: Path | None
+
+    def __post_init__(self) -> None:
+        self.console = Console(stderr=True)
+        if self.progress not in ("auto", "live", "log", "none"):
+            raise typer.BadParameter("must be auto, live, log or none", param_hint="--progress")
+        if self.input != "-" and not os.path.exists(self.input):
+            raise typer.BadParameter(f"'{self.input}' does not exist", param_hint="INPUT")
+
+    def mode(self) -> str:
+        if self.progress != "auto":
+            return self.progress
+        if self.quiet or not self.console.is_terminal:
+            return "log"
+        return "live"
+
+    def run(self, action: Callable[[ProgressDisplay], dict[str, Any]]) -> dict[str, Any]:
+        """Run ``action(display)``; turn failures into one line and exit status 1."""
+        total = os.path.getsize(self.input) if self.input != "-" and os.path.isfile(self.input) else None
+        started = time.monotonic()
+        try:
+            with ProgressDisplay(self.console, self.mode(), total, f"bamflow {self.name}") as display:
+                stats = action(display)
+        except WorkflowError as e:
+            self._fail(e.summary, str(e))
+        except (ValueError, OSError) as e:
+            self._fail(f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e), None)
+        except KeyboardInterrupt:
+            self.console.print(f"bamflow {self.name}: interrupted", style="bold red", highlight=False)
+            raise typer.Exit(130) from None
+        stats["seconds"] = time.monotonic() - started
+        if self.stats is not None:
+            self.stats.write_text(json.dumps(stats, indent=2, default=str) + "\n")
+        return stats
+
+    def _fail(self, summary: str, details: str | None) -> None:
+        self.console.print(f"bamflow {self.name}: error: {summary}", style="bold red", highlight=False, soft_wrap=True)
+        if self.debug and details:
+            self.console.print(details, highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+    def summary(self, reads_in: int, written: dict[str, int], dropped: dict[str, int], seconds: float) -> None:
+        if self.quiet:
+            self.console.print(
+                f"bamflow {self.name}: {reads_in:,} reads in, {sum(written.values()):,} written, "
+                f"{sum(dropped.values()):,} dropped {dropped or ''} in {seconds:.1f} s",
+                highlight=False,
+                soft_wrap=True,
+            )
+        else:
+            self.console.print(summary_table(f"bamflow {self.name}", reads_in, written, dropped, seconds))
+
+
+def _command_line() -> str:
+    return " ".join(shlex.quote(a) for a in ["bamflow", *sys.argv[1:]])
+
+
+# -- commands ---------------------------------------------------------------------------
+
+
+@app.command(epilog="Example: bamflow shard --by CB -n 16 -o shards/ in.bam")
+def shard(
+    input: str = typer.Argument(..., help="BAM, uncompressed BAM or SAM file; - for stdin."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for the shards (created if missing)."),
+    by: str = typer.Option("CB", "--by", help="Tag(s) to shard by (CB, or CB,UB), or 'name' for read names."),
+    n: int = typer.Option(16, "-n", "--shards", min=1, help="Number of shards."),
+    missing: str = typer.Option("unassigned", "--missing", help="Reads without the tag: unassigned (own file), drop, error."),
+    prefix: str = typer.Option("shard", "--prefix", help="Shard file names: PREFIX_000.bam …"),
+    threads: int = THREADS,
+    level: str | None = LEVEL,
+    stats: Path | None = STATS,
+    quiet: bool = QUIET,
+    progress: str = PROGRESS,
+    debug: bool = DEBUG,
+) -> None:
+    """Split a BAM into N BAMs, all reads with one tag value (e.g. one cell) in one shard.
+
+    Writes OUTPUT/PREFIX_NNN.bam, OUTPUT/unassigned.bam (reads without the tag)
+    and OUTPUT/manifest.tsv (value, shard, reads); prints a balance report.
+    """
+    from bamflow.bam.shard import MISSING_POLICIES
+    from bamflow.bam.shard import shard as shard_bam
+
+    if missing not in MISSING_POLICIES:
+        raise typer.BadParameter(f"must be one of {', '.join(MISSING_POLICIES)}", param_hint="--missing")
+    session = Session("shard", input, quiet, debug, progress, stats)
+    lvl = _level(level)
+
+    def action(display: ProgressDisplay) -> dict[str, Any]:
+        result = shard_bam(
+            input, output, by=by, n=n, missing=missing, threads=threads, level=lvl, prefix=prefix,
+            command_line=_command_line(), on_progress=display,
+        )
+        return result.as_dict()
+
+    result = session.run(action)
+    session.summary(result["reads_in"], result["written"], result["dropped"], result["seconds"])
+    balance = result["balance"]
+    if balance:
+        session.console.print(
+            f"balance: {balance['min']:,.0f}–{balance['max']:,.0f} reads per shard, "
+            f"max/mean {balance['max_over_mean']:.2f}, CV {balance['cv']:.3f}; "
+            f"{result['values']:,} values in {result['manifest']}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+@app.command(epilog="Example: bamflow run my_module:fix_read --by CB -w 4 in.bam -o out.bam")
+def run(
+    function: str = typer.Argument(..., help="MODULE:FUNC or path/to/file.py:FUNC; FUNC(read) returns the read, None or reads."),
+    input: str = typer.Argument(..., help="BAM, uncompressed BAM or SAM file; - for stdin."),
+    output: str = typer.Option(..., "-o", "--output", help="Output BAM (- for stdout)."),
+    by: str | None = typer.Option(None, "--by", help="Send reads with the same tag value(s) (CB, CB,UB) or 'name' to one worker."),
+    workers: int = typer.Option(2, "-w", "--workers", min=1, help="Worker processes."),
+    order: str = typer.Option("input", "--order", help="Output order: input, any, coordinate, tag:XX."),
+    missing: str = typer.Option("error", "--missing", help="Reads without the --by tag: error or drop."),
+    chunk_size: int = typer.Option(1000, "--chunk-size", min=1, help="Reads dealt to a worker at a time (without --by)."),
+    fmt: str = typer.Option("bam", "--format", help="Output format: bam, ubam (uncompressed) or sam."),
+    threads: int = THREADS,
+    level: str | None = LEVEL,
+    stats: Path | None = STATS,
+    quiet: bool = QUIET,
+    progress: str = PROGRESS,
+    debug: bool = DEBUG,
+) -> None:
+    """Run your per-read Python function over a BAM in parallel worker processes."""
+    from bamflow.bam.api import map_reads
+
+    if missing not in ("error", "drop"):
+        raise typer.BadParameter("must be error or drop", param_hint="--missing")
+    if fmt not in ("bam", "ubam", "sam"):
+        raise typer.BadParameter("must be bam, ubam or sam", param_hint="--format")
+    if not (order in ("input", "any", "coordinate") or (order.startswith("tag:") and len(order) == 6)):
+        raise typer.BadParameter("must be input, any, coordinate or tag:XX", param_hint="--order")
+    if order == "input" and by is not None:
+        order = "any"  # sharding by a key cannot keep the input order
+    func = _load_function(function)
+    session = Session("run", input, quiet, debug, progress, stats)
+    lvl = _level(level)
+
+    def action(display: ProgressDisplay) -> dict[str, Any]:
+        result = map_reads(
+            input, func, output, by=by, workers=workers, order=order, threads=threads, level=lvl,
+            chunk_size=chunk_size, missing=missing, fmt=fmt, command_line=_command_line(), on_progress=display,
+        )
+        return result.as_dict()
+
+    result = session.run(action)
+    session.summary(result["reads_in"], {output: result["written"]}, result["dropped"], result["seconds"])
+
+
+def _load_function(spec: str) -> Callable[..., Any]:
+    """MODULE:FUNC or path/to/file.py:FUNC → the function (importable by workers)."""
+    module_name, sep, func_name = spec.rpartition(":")
+    if not sep or not module_name or not func_name:
+        raise typer.BadParameter(f"expected MODULE:FUNC or file.py:FUNC, not {spec!r}", param_hint="FUNCTION")
+    if module_name.endswith(".py") or os.sep in module_name:
+        path = Path(module_name)
+        if not path.is_file():
+            raise typer.BadParameter(f"no such file: {module_name}", param_hint="FUNCTION")
+        sys.path.insert(0, str(path.resolve().parent))  # workers import it the same way
+        module_name = path.stem
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise typer.BadParameter(f"cannot import {module_name}: {e}", param_hint="FUNCTION") from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise typer.BadParameter(f"{module_name} has no function {func_name}", param_hint="FUNCTION")
+    return func
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import progress
 from ..errors import WorkflowError
 from ..fifo import FIFO
 from ..workflow import Workflow, merge_counts
@@ -95,6 +96,7 @@ def map_worker(input: str, output: str, user_func: Callable[[Any], Any]) -> dict
     import pysam
 
     reads_in = written = dropped = added = 0
+    slot = progress.current().slot
     with pysam.AlignmentFile(input, "rb", check_sq=False) as reads:
         with pysam.AlignmentFile(output, "wbu", header=reads.header) as out:
             out.flush()  # the header now: a merging collector reads every header first
@@ -104,10 +106,13 @@ def map_worker(input: str, output: str, user_func: Callable[[Any], Any]) -> dict
                     out.flush()
                     continue
                 reads_in += 1
+                if not reads_in & 1023:
+                    slot[0] = reads_in
                 n = _write_result(out, user_func(read))
                 written += n
                 dropped += n == 0
                 added += max(0, n - 1)
+    slot[0] = reads_in
     return {"reads_in": reads_in, "written": written, "dropped_by_function": dropped, "added": added}
 
 
@@ -200,6 +205,7 @@ def map_reads(
     command_line: str | None = None,
     start_method: str | None = None,
     timeout: float | None = None,
+    on_progress: Callable[[Any], None] | None = None,
 ) -> RunStats:
     """Run ``func`` on every read of ``input`` in ``workers`` processes; write ``output``.
 
@@ -231,7 +237,7 @@ def map_reads(
         command_line=command_line,
         start_method=start_method,
     )
-    w.run(timeout=timeout)
+    w.run(timeout=timeout, on_progress=on_progress)
     dist = w.result_dict["map_reads.dist0"]
     per_worker = w.results("map_reads.worker*")
     collected = w.result_dict["map_reads.collect0"]["records"]
@@ -276,6 +282,7 @@ def map_reduce(
     command_line: str | None = None,
     start_method: str | None = None,
     timeout: float | None = None,
+    on_progress: Callable[[Any], None] | None = None,
 ) -> RunStats:
     """Give each of ``workers`` processes its share of the reads: ``func(reads, out)``
     iterates ``reads`` (pysam.AlignedSegment objects) and may write to ``out`` (a
@@ -300,7 +307,7 @@ def map_reduce(
         command_line=command_line,
         start_method=start_method,
     )
-    w.run(timeout=timeout)
+    w.run(timeout=timeout, on_progress=on_progress)
     dist = w.result_dict["map_reduce.dist0"]
     results = w.results("map_reduce.worker*")
     stats = RunStats(reads_in=dist["records"], per_worker=results)

@@ -14,6 +14,7 @@ from contextlib import ExitStack
 from typing import Any
 
 from ..bgzf import DEFAULT_LEVEL, BgzfReader, BgzfWriter, detect_format
+from .. import progress
 from ..fifo import wait_readable
 from ..files import STDIN_NAMES, fd_of, open_for_reading, write_all
 from .header import BamFormatError, BamHeader
@@ -34,7 +35,7 @@ def decode_bam(input: str, output: Any, threads: int = 2) -> dict[str, Any]:
         out_fd = fd_of(output, True, stack)
         source = io.FileIO(open_for_reading(input), "rb")
         source.name = name  # errors name the file  # type: ignore[misc]
-        raw = stack.enter_context(io.BufferedReader(source, COPY_BLOCK))
+        raw = stack.enter_context(io.BufferedReader(progress.CountingReader(source, progress.current()), COPY_BLOCK))
         fmt = detect_format(raw.peek(4)[:4])
         if fmt == "bgzf":
             reader = stack.enter_context(BgzfReader(raw, threads=threads))
@@ -148,7 +149,9 @@ def encode_bam(
         in_fd = fd_of(input, False, stack)
         wait_readable(in_fd)  # a FIFO read end reports EOF until its writer connects
         out_fd = fd_of(output, True, stack)
-        source = stack.enter_context(io.BufferedReader(io.FileIO(in_fd, "rb", closefd=False), COPY_BLOCK))
+        source = stack.enter_context(
+            io.BufferedReader(progress.CountingReader(io.FileIO(in_fd, "rb", closefd=False), progress.current()), COPY_BLOCK)
+        )
         buffer = b""
         while True:
             block = source.read(COPY_BLOCK)
@@ -220,6 +223,7 @@ def distribute_records(
     header_fifo: Any = None,
     header_broadcast: bool = True,
     mark_chunks: bool = False,
+    count_values: bool = False,
 ) -> dict[str, Any]:
     """Deal the records of a raw BAM stream to ``outputs`` (see Workflow.distribute_bam)."""
     from ..kernels.bam import distribute_bam
@@ -244,6 +248,8 @@ def distribute_records(
             header_fd=header_fd,
             header_broadcast=header_broadcast,
             mark_chunks=mark_chunks,
+            count_values=count_values,
+            progress=progress.current().slot,
         )
 
 
@@ -259,4 +265,4 @@ def collect_records(inputs: list[Any], output: Any, header_fifo: Any = None, ord
         in_fds = [fd_of(i, False, stack) for i in inputs]
         header_fd = -1 if header_fifo is None else fd_of(header_fifo, False, stack)
         out_fd = fd_of(output, True, stack)
-        return collect_bam(in_fds, out_fd, order=order, header_fd=header_fd, tag=tag)
+        return collect_bam(in_fds, out_fd, order=order, header_fd=header_fd, tag=tag, progress=progress.current().slot)

@@ -71,3 +71,17 @@ cdef inline uint64_t fnv1a64(const uint8_t *data, Py_ssize_t length) noexcept no
         h ^= data[i]
         h *= 1099511628211ULL
     return h
+
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+    enum:
+        FIONREAD
+
+
+cdef inline long long pipe_backlog(int fd) noexcept nogil:
+    """Bytes waiting to be read in the pipe behind fd (0 if unknown)."""
+    cdef int waiting = 0
+    if ioctl(fd, FIONREAD, &waiting) < 0:
+        return 0
+    return waiting

@@ -1,12 +1,15 @@
 from typing import Iterable, Literal, TypedDict
 
-class DistributeStats(TypedDict):
+class _DistributeStats(TypedDict):
     records: int
     per_output: list[int]
     dropped_missing_tag: int
     unassigned: int
     header_bytes: int
     bytes: int
+
+class DistributeStats(_DistributeStats, total=False):
+    values: dict[bytes, int]  # with count_values
 
 class CollectStats(TypedDict):
     records: int
@@ -28,6 +31,8 @@ def distribute_bam(
     header_fd: int = -1,
     header_broadcast: bool = True,
     mark_chunks: bool = False,
+    count_values: bool = False,
+    progress: memoryview | None = None,
     buffer_size: int = 1 << 20,
     out_buffer_size: int = 1 << 16,
 ) -> DistributeStats: ...
@@ -41,4 +46,6 @@ def collect_bam(
     buffer_size: int = 1 << 20,
     out_buffer_size: int = 1 << 20,
     read_ahead: int = 0,
+    progress: memoryview | None = None,
 ) -> CollectStats: ...
+def stable_hash(key: bytes) -> int: ...

@@ -26,8 +26,8 @@ from posix.unistd cimport close
 from isal.isal_zlib import decompress as _inflate
 
 from bamflow.kernels._posixio cimport (
-    POLLERR, POLLHUP, POLLIN, POLLNVAL, fnv1a64, poll, pollfd, read_some, wait_readable,
-    write_all,
+    POLLERR, POLLHUP, POLLIN, POLLNVAL, fnv1a64, pipe_backlog, poll, pollfd, read_some,
+    wait_readable, write_all,
 )
 
 cdef enum:
@@ -84,6 +84,7 @@ cdef struct OutBuf:
     Py_ssize_t used
     Py_ssize_t cap
     long long records
+    long long *progress  # a bamflow.progress slot, or NULL
 
 
 cdef int _flush(OutBuf *o) except -1:
@@ -600,6 +601,117 @@ cdef int _parse_tags(object by, uint16_t *tags, list names) except -1:
     return n
 
 
+def stable_hash(const unsigned char[:] key not None) -> int:
+    """FNV-1a (64 bit) of ``key``: how records are sharded (``% n``)."""
+    if key.shape[0] == 0:
+        return fnv1a64(NULL, 0)
+    return fnv1a64(&key[0], key.shape[0])
+
+
+# -- counting key values (a C hash table: no Python object per record) ---------
+
+cdef struct Tally:
+    uint64_t *hashes      # 0: empty slot
+    long long *counts
+    Py_ssize_t *key_offset
+    Py_ssize_t *key_length
+    Py_ssize_t cap        # a power of two
+    Py_ssize_t size
+    uint8_t *arena        # the key bytes
+    Py_ssize_t arena_used
+    Py_ssize_t arena_cap
+
+
+cdef int _tally_init(Tally *t, Py_ssize_t cap) except -1:
+    t.cap = cap
+    t.size = 0
+    t.arena_used = 0
+    t.arena_cap = 1 << 16
+    t.hashes = <uint64_t *> calloc(cap, sizeof(uint64_t))
+    t.counts = <long long *> calloc(cap, sizeof(long long))
+    t.key_offset = <Py_ssize_t *> calloc(cap, sizeof(Py_ssize_t))
+    t.key_length = <Py_ssize_t *> calloc(cap, sizeof(Py_ssize_t))
+    t.arena = <uint8_t *> malloc(t.arena_cap)
+    if t.hashes == NULL or t.counts == NULL or t.key_offset == NULL or t.key_length == NULL or t.arena == NULL:
+        raise MemoryError()
+    return 0
+
+
+cdef void _tally_free(Tally *t) noexcept:
+    free(t.hashes)
+    free(t.counts)
+    free(t.key_offset)
+    free(t.key_length)
+    free(t.arena)
+    t.hashes = NULL
+    t.counts = NULL
+    t.key_offset = NULL
+    t.key_length = NULL
+    t.arena = NULL
+
+
+cdef int _tally_grow(Tally *t) except -1:
+    cdef Tally bigger
+    cdef Py_ssize_t i, j
+    _tally_init(&bigger, 2 * t.cap)
+    free(bigger.arena)
+    bigger.arena = t.arena
+    bigger.arena_used = t.arena_used
+    bigger.arena_cap = t.arena_cap
+    for i in range(t.cap):
+        if t.hashes[i]:
+            j = <Py_ssize_t> (t.hashes[i] & <uint64_t> (bigger.cap - 1))
+            while bigger.hashes[j]:
+                j = (j + 1) & (bigger.cap - 1)
+            bigger.hashes[j] = t.hashes[i]
+            bigger.counts[j] = t.counts[i]
+            bigger.key_offset[j] = t.key_offset[i]
+            bigger.key_length[j] = t.key_length[i]
+    bigger.size = t.size
+    t.arena = NULL
+    _tally_free(t)
+    t[0] = bigger
+    return 0
+
+
+cdef int _tally_add(Tally *t, const uint8_t *key, Py_ssize_t length, uint64_t h) except -1:
+    cdef Py_ssize_t i
+    cdef uint8_t *grown
+    if h == 0:
+        h = 1
+    i = <Py_ssize_t> (h & <uint64_t> (t.cap - 1))
+    while t.hashes[i]:
+        if t.hashes[i] == h and t.key_length[i] == length and memcmp(t.arena + t.key_offset[i], key, length) == 0:
+            t.counts[i] += 1
+            return 0
+        i = (i + 1) & (t.cap - 1)
+    if t.arena_used + length > t.arena_cap:
+        grown = <uint8_t *> realloc(t.arena, 2 * t.arena_cap + length)
+        if grown == NULL:
+            raise MemoryError()
+        t.arena = grown
+        t.arena_cap = 2 * t.arena_cap + length
+    memcpy(t.arena + t.arena_used, key, length)
+    t.hashes[i] = h
+    t.counts[i] = 1
+    t.key_offset[i] = t.arena_used
+    t.key_length[i] = length
+    t.arena_used += length
+    t.size += 1
+    if 2 * t.size > t.cap:
+        _tally_grow(t)
+    return 0
+
+
+cdef dict _tally_dict(Tally *t):
+    cdef dict result = {}
+    cdef Py_ssize_t i
+    for i in range(t.cap):
+        if t.hashes[i]:
+            result[(<const char *> t.arena + t.key_offset[i])[:t.key_length[i]]] = t.counts[i]
+    return result
+
+
 # -- distribute -------------------------------------------------------------------
 
 def distribute_bam(
@@ -613,6 +725,8 @@ def distribute_bam(
     int header_fd=-1,
     bint header_broadcast=True,
     bint mark_chunks=False,
+    bint count_values=False,
+    progress=None,
     Py_ssize_t buffer_size=1 << 20,
     Py_ssize_t out_buffer_size=1 << 16,
 ):
@@ -632,6 +746,12 @@ def distribute_bam(
 
     Every record's fixed part is checked; the aux block is walked (and so
     checked) only when distributing by tags, and only up to the last tag wanted.
+
+    ``progress``: an int64 memoryview (bamflow.progress slot) updated with
+    records, bytes read and the input pipe's backlog at every buffer refill.
+
+    With ``count_values`` (by tags only), the result also has ``values``:
+    canonical key bytes → number of records, counted in a C hash table.
 
     Returns a dict: ``records``, ``per_output``, ``dropped_missing_tag``,
     ``unassigned``, ``header_bytes``, ``bytes`` (read).
@@ -663,6 +783,14 @@ def distribute_bam(
         raise ValueError("missing='unassigned' needs unassigned_fd")
     if mark_chunks and mode != 0:
         raise ValueError("mark_chunks needs round-robin distribution (by=None)")
+    if count_values and mode != 2:
+        raise ValueError("count_values needs distribution by tags")
+    cdef long long[::1] prog = progress
+    cdef Tally tally
+    tally.hashes = tally.counts = NULL
+    tally.key_offset = tally.key_length = NULL
+    tally.arena = NULL
+    cdef uint64_t h
     cdef bytes chunk_end = CHUNK_END_RECORD
     cdef bint has_unassigned = unassigned_fd >= 0
     if has_unassigned:
@@ -689,6 +817,8 @@ def distribute_bam(
         if has_unassigned:
             un = &outs[n_out]
         _init_inbuf(&ib, in_fd, buffer_size)
+        if count_values:
+            _tally_init(&tally, 1 << 12)
         _read_header(&ib, &st, "")
         header_bytes = st.off
         bytes_read = ib.end
@@ -733,7 +863,10 @@ def distribute_bam(
                                     key.data[key.used] = 0
                                     key.used += 1
                                 _append_canonical(&key, found[k])
-                            i = fnv1a64(key.data, key.used) % <uint64_t> n_out
+                            h = fnv1a64(key.data, key.used)
+                            if count_values:
+                                _tally_add(&tally, key.data, key.used, h)
+                            i = h % <uint64_t> n_out
                             outs[i].records += 1
                             _put(&outs[i], ib.data + ib.start, 4 + bs)
                         else:
@@ -758,11 +891,19 @@ def distribute_bam(
                 if avail:
                     raise ValueError(f"BAM stream ends inside record {records}")
                 break
+            if prog is not None:
+                prog[0] = records
+                prog[1] = bytes_read
+                prog[3] = pipe_backlog(in_fd)
             bytes_read += _fill(&ib, need)
 
         for i in range(n_out + has_unassigned):
             _flush(&outs[i])
-        return {
+        if prog is not None:
+            prog[0] = records
+            prog[1] = bytes_read
+            prog[3] = 0
+        result = {
             "records": records,
             "per_output": [outs[i].records for i in range(n_out)],
             "dropped_missing_tag": dropped,
@@ -770,7 +911,11 @@ def distribute_bam(
             "header_bytes": header_bytes,
             "bytes": bytes_read,
         }
+        if count_values:
+            result["values"] = _tally_dict(&tally)
+        return result
     finally:
+        _tally_free(&tally)
         if header_fd >= 0:
             close(header_fd)
         free(ib.data)
@@ -801,7 +946,8 @@ cdef int _poll_fill(Source *srcs, Py_ssize_t n_in, pollfd *pfds, Py_ssize_t *ind
     """Wait until some input (``must`` always included, if >= 0) is readable and
     read once from each readable one. Inputs holding ``read_ahead`` bytes are
     left alone (except ``must``). Returns the number of inputs polled."""
-    cdef Py_ssize_t i, k = 0, need
+    cdef Py_ssize_t i, k = 0, need, got
+    cdef long long backlog
     cdef int rc
     for i in range(n_in):
         if srcs[i].ib.eof:
@@ -825,12 +971,19 @@ cdef int _poll_fill(Source *srcs, Py_ssize_t n_in, pollfd *pfds, Py_ssize_t *ind
             break
     if rc < 0:
         _raise_errno("poll")
+    backlog = 0
     for i in range(k):
         if pfds[i].revents & POLLNVAL:
             raise OSError(9, f"poll: input {index[i]}: bad file descriptor {pfds[i].fd}")
         if pfds[i].revents & (POLLIN | POLLHUP | POLLERR):
             need = need_must if index[i] == must else 0
-            _fill(&srcs[index[i]].ib, need)
+            got = _fill(&srcs[index[i]].ib, need)
+            if out.progress != NULL:
+                out.progress[1] += got
+                backlog += pipe_backlog(pfds[i].fd)
+    if out.progress != NULL:
+        out.progress[0] = out.records
+        out.progress[3] = backlog
     return k
 
 
@@ -857,6 +1010,7 @@ def collect_bam(
     Py_ssize_t buffer_size=1 << 20,
     Py_ssize_t out_buffer_size=1 << 20,
     Py_ssize_t read_ahead=0,
+    progress=None,
 ):
     """Merge the raw BAM streams of ``in_fds`` into one raw BAM stream on ``out_fd``.
 
@@ -884,6 +1038,9 @@ def collect_bam(
     distributor, since the awaited worker may need the distributor to move on).
     ``"any"`` checks only each record's ``block_size``; merges check each
     record's fixed part (and ``"tag"`` walks the aux block up to the tag).
+
+    ``progress``: an int64 memoryview (bamflow.progress slot) updated with
+    records written and bytes buffered while waiting for input.
 
     Returns a dict: ``records``, ``per_input``, ``header_bytes``.
     """
@@ -920,11 +1077,13 @@ def collect_bam(
     cdef const uint8_t *rec
     cdef Scratch tmp
 
+    cdef long long[::1] prog = progress
     out.fd = out_fd
     out.cap = out_buffer_size
     out.used = 0
     out.records = 0
     out.data = NULL
+    out.progress = &prog[0] if prog is not None else NULL
     hib.data = NULL
     hib.wire = NULL
     try:
@@ -1036,6 +1195,9 @@ def collect_bam(
                 _sift_down(srcs, mode, heap, n_heap, 0)
 
         _flush(&out)
+        if out.progress != NULL:
+            out.progress[0] = out.records
+            out.progress[3] = 0
         return {
             "records": out.records,
             "per_input": [srcs[i].ib.records for i in range(n_in)],

@@ -1,0 +1,162 @@
+"""Shard a BAM by cell barcode (or any tags, or read name) into N BAMs.
+
+    decode ─▶ distribute by key ─▶ shard0 ─▶ encode ─▶ DIR/shard_000.bam
+                                 ├▶ ...    ─▶ encode ─▶ ...
+                                 └▶ unassigned ─▶ encode ─▶ DIR/unassigned.bam
+
+All reads with one key value land in one shard (a stable hash of the full
+value, the same on every run and machine). A manifest lists every value with
+its shard and read count; the books must balance or the run fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import WorkflowError
+from ..fifo import FIFO
+from ..workflow import Workflow
+from .api import _key_tags
+from .header import command_line as process_command_line
+
+log = logging.getLogger("bamflow")
+
+MISSING_POLICIES = ("unassigned", "drop", "error")
+
+
+@dataclass
+class ShardResult:
+    """What :func:`shard` wrote, and the books."""
+
+    reads_in: int
+    written: dict[str, int]  # output file → reads
+    dropped: dict[str, int]
+    manifest: str | None
+    values: int = 0
+    balance: dict[str, float] = field(default_factory=dict)
+    job_stats: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "reads_in": self.reads_in,
+            "written": dict(self.written),
+            "reads_written": sum(self.written.values()),
+            "dropped": dict(self.dropped),
+            "manifest": self.manifest,
+            "values": self.values,
+            "balance": dict(self.balance),
+            "job_stats": dict(self.job_stats),
+        }
+
+
+def shard_file_name(prefix: str, index: int, n: int) -> str:
+    return f"{prefix}_{index:0{max(3, len(str(n - 1)))}d}.bam"
+
+
+def balance_report(reads_per_shard: Sequence[int]) -> dict[str, float]:
+    """min, max, mean reads per shard; max/mean (1.0 is perfect) and the CV."""
+    if not reads_per_shard:
+        return {}
+    mean = statistics.fmean(reads_per_shard)
+    return {
+        "min": float(min(reads_per_shard)),
+        "max": float(max(reads_per_shard)),
+        "mean": mean,
+        "max_over_mean": max(reads_per_shard) / mean if mean else 0.0,
+        "cv": statistics.pstdev(reads_per_shard) / mean if mean else 0.0,
+    }
+
+
+def shard(
+    input: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    by: str | Sequence[str] = "CB",
+    n: int = 16,
+    missing: str = "unassigned",
+    threads: int = 2,
+    level: int | str | None = None,
+    prefix: str = "shard",
+    manifest: bool = True,
+    command_line: str | None = None,
+    start_method: str | None = None,
+    timeout: float | None = None,
+    on_progress: Callable[[Any], None] | None = None,
+) -> ShardResult:
+    """Split ``input`` into ``n`` BAMs in ``out_dir`` so that all reads with the
+    same ``by`` value(s) (``"CB"``, ``"CB,UB"``, or ``"name"`` for read names)
+    are in the same file. Reads without the tag: ``missing="unassigned"``
+    (to ``unassigned.bam``), ``"drop"`` (counted) or ``"error"``.
+    ``threads`` decompress the input; each shard compresses in its own process.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, not {n}")
+    if missing not in MISSING_POLICIES:
+        raise ValueError(f"missing must be one of {', '.join(MISSING_POLICIES)}, not {missing!r}")
+    key = _key_tags(by)
+    if key is None:
+        raise ValueError("shard needs by= a tag (e.g. 'CB'), tags ('CB,UB') or 'name'")
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    cl = command_line or process_command_line()
+    by_tags = key != "name"
+    unassigned = by_tags and missing == "unassigned"
+    names = [shard_file_name(prefix, i, n) for i in range(n)]
+
+    w = Workflow("shard")
+    w.BAM_reader(input=os.fspath(input), output=FIFO("decoded", "wb"), threads=threads)
+    w.distribute_bam(
+        input=FIFO("decoded", "rb"),
+        outputs=FIFO("shard{n}", "wb", n=n),
+        by=key,
+        missing=missing if by_tags else "error",
+        unassigned=FIFO("unassigned", "wb") if unassigned else None,
+        count_values=by_tags and manifest,
+    )
+    for i, name in enumerate(names):
+        w.BAM_writer(input=FIFO(f"shard{i}", "rb"), output=os.path.join(out_dir, name), level=level, threads=1, command_line=cl)
+    if unassigned:
+        w.BAM_writer(input=FIFO("unassigned", "rb"), output=os.path.join(out_dir, "unassigned.bam"), level=level, threads=1, command_line=cl)
+    w.run(timeout=timeout, on_progress=on_progress)
+
+    dist = w.result_dict["shard.dist0"]
+    written = {name: count for name, count in zip(names, dist["per_output"], strict=True)}
+    if unassigned:
+        written["unassigned.bam"] = dist["unassigned"]
+    dropped = {"missing_tag": dist["dropped_missing_tag"]} if dist["dropped_missing_tag"] else {}
+    result = ShardResult(
+        reads_in=dist["records"],
+        written=written,
+        dropped=dropped,
+        manifest=None,
+        balance=balance_report(dist["per_output"]),
+        job_stats=dict(w.job_stats),
+    )
+    if result.reads_in != sum(written.values()) + sum(dropped.values()):
+        raise WorkflowError(f"reads do not add up: {result.reads_in} in, {written} written, {dropped} dropped")
+    if "values" in dist:
+        result.values = len(dist["values"])
+        result.manifest = write_manifest(os.path.join(out_dir, "manifest.tsv"), dist["values"], names)
+        if sum(dist["values"].values()) != sum(dist["per_output"]):
+            raise WorkflowError("the manifest's read counts do not add up to the reads written to shards")
+    log.info("shard %s → %s: %s", input, out_dir, result.as_dict())
+    return result
+
+
+def write_manifest(path: str, values: dict[bytes, int], shard_names: list[str]) -> str:
+    """value, shard file and reads per key value (TSV, sorted by value); atomic."""
+    from ..kernels.bam import stable_hash
+
+    temp = f"{path}.bamflow-tmp"
+    with open(temp, "w", encoding="utf-8", errors="surrogateescape") as f:
+        f.write("value\tshard\treads\n")
+        for value in sorted(values):
+            text = value.decode("utf-8", "surrogateescape").replace("\t", "\\t").replace("\n", "\\n")
+            f.write(f"{text}\t{shard_names[stable_hash(value) % len(shard_names)]}\t{values[value]}\n")
+    os.replace(temp, path)
+    return path
