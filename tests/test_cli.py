@@ -1,0 +1,189 @@
+"""The bamflow command line: in-process (typer's CliRunner) and as a real
+subprocess, with pipes, the live display and every exit status."""
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+
+import pysam
+import pytest
+from bamfiles import read_records, write_bam
+from rich.console import Console
+from typer.testing import CliRunner
+
+from bamflow.cli.display import ProgressDisplay
+from bamflow.cli.main import app
+from bamflow.progress import JobProgress
+
+runner = CliRunner()
+SAMTOOLS = shutil.which("samtools")
+
+
+def cells_of(path):
+    with pysam.AlignmentFile(str(path), check_sq=False) as f:
+        return [(r.query_name, r.get_tag("CB") if r.has_tag("CB") else None) for r in f]
+
+
+@pytest.fixture
+def bam(tmp_path):
+    src = tmp_path / "in.bam"
+    reads = write_bam(src, n=3000, no_cb=0.05, n_cells=60)
+    return src, reads
+
+
+def test_shard_is_an_exact_partition_with_manifest(tmp_path, bam):
+    src, reads = bam
+    out = tmp_path / "shards"
+    result = runner.invoke(app, ["shard", "--by", "CB", "-n", "4", "-o", str(out), str(src), "--stats", str(tmp_path / "s.json")])
+    assert result.exit_code == 0, result.output
+    shards = sorted(p for p in os.listdir(out) if p.startswith("shard_"))
+    assert shards == [f"shard_{i:03d}.bam" for i in range(4)]
+    where = {}
+    names = []
+    for name in shards:
+        for read_name, cb in cells_of(out / name):
+            assert cb is not None
+            assert where.setdefault(cb, name) == name, f"cell {cb} is in two shards"
+            names.append(read_name)
+    unassigned = cells_of(out / "unassigned.bam")
+    assert all(cb is None for _, cb in unassigned)
+    names += [n for n, _ in unassigned]
+    assert Counter(names) == Counter(r.query_name for r in reads)
+    # the manifest agrees with an independent count
+    expected = Counter(r.get_tag("CB") for r in reads if r.has_tag("CB"))
+    rows = [line.rstrip("\n").split("\t") for line in open(out / "manifest.tsv")][1:]
+    assert {v: int(n) for v, _, n in rows} == dict(expected)
+    assert {v: s for v, s, _ in rows} == where
+    stats = json.load(open(tmp_path / "s.json"))
+    assert stats["reads_in"] == len(reads) and stats["reads_written"] == len(reads)
+    assert "balance" in result.stderr and "max/mean" in result.stderr
+    for name in shards:
+        assert subprocess.run([SAMTOOLS, "quickcheck", str(out / name)]).returncode == 0
+
+
+def test_shard_from_a_samtools_pipe_as_a_subprocess(tmp_path, bam):
+    src, reads = bam
+    out = tmp_path / "shards"
+    producer = subprocess.Popen([SAMTOOLS, "view", "-u", str(src)], stdout=subprocess.PIPE)
+    done = subprocess.run(
+        ["bamflow", "shard", "--by", "CB", "-n", "3", "--missing", "drop", "-q", "-o", str(out), "-"],
+        stdin=producer.stdout,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    producer.stdout.close()
+    assert producer.wait(timeout=30) == 0
+    assert done.returncode == 0, done.stderr
+    got = [n for i in range(3) for n, _ in cells_of(out / f"shard_{i:03d}.bam")]
+    assert Counter(got) == Counter(r.query_name for r in reads if r.has_tag("CB"))
+    assert not (out / "unassigned.bam").exists()
+    dropped = sum(1 for r in reads if not r.has_tag("CB"))
+    assert f"{dropped:,} dropped" in done.stderr
+    assert done.stdout == ""
+    pg = read_records(out / "shard_000.bam")[0]["PG"][-1]
+    assert pg["PN"] == "bamflow" and pg["CL"] == f"bamflow shard --by CB -n 3 --missing drop -q -o {out} -"
+
+
+def test_shard_by_read_name_keeps_mates_together(tmp_path):
+    src = tmp_path / "in.bam"
+    reads = write_bam(src, n=800)
+    out = tmp_path / "shards"
+    result = runner.invoke(app, ["shard", "--by", "name", "-n", "5", "-o", str(out), str(src), "--progress", "none"])
+    assert result.exit_code == 0, result.output
+    assert not (out / "manifest.tsv").exists() and not (out / "unassigned.bam").exists()
+    total = sum(len(read_records(out / f"shard_{i:03d}.bam")[1]) for i in range(5))
+    assert total == len(reads)
+
+
+def test_run_a_function_from_a_file(tmp_path, bam):
+    src, reads = bam
+    script = tmp_path / "my_fix.py"
+    script.write_text("def fix(read):\n    read.set_tag('XF', read.query_name.upper())\n    return read\n")
+    out = tmp_path / "out.bam"
+    result = runner.invoke(app, ["run", f"{script}:fix", "-w", "3", str(src), "-o", str(out), "--progress", "log"])
+    assert result.exit_code == 0, result.output
+    assert read_records(out)[1] == [r.to_string() + f"\tXF:Z:{r.query_name.upper()}" for r in reads]
+    assert [pg["PN"] for pg in read_records(out)[0]["PG"]].count("bamflow") == 1
+
+
+def test_live_display_shows_a_row_per_worker(tmp_path, bam):
+    src, _ = bam
+    script = tmp_path / "slowish.py"
+    script.write_text("def f(read):\n    return read\n")
+    result = runner.invoke(
+        app, ["run", f"{script}:f", "-w", "3", str(src), "-o", str(tmp_path / "o.bam"), "--progress", "live"]
+    )
+    assert result.exit_code == 0, result.output
+    for row in ("BAM_reader0", "dist0", "worker0", "worker1", "worker2", "collect0", "BAM_writer0"):
+        assert row in result.stderr
+    assert "records/s" in result.stderr and "backlog MB" in result.stderr
+
+
+def test_display_on_a_forced_terminal():
+    """Rows, states, rates and the overall bar, from snapshots as the supervisor sends them."""
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=120, color_system=None)
+    snap = [
+        JobProgress("w.BAM_reader0", "running", 0, 500 << 20, 0, 0, 1.0),
+        JobProgress("w.worker0", "running", 1000, 10 << 20, 0, 3 << 20, 1.0),
+        JobProgress("w.worker1", "failed", 10, 1 << 20, 0, 0, 1.0),
+    ]
+    later = [
+        JobProgress("w.BAM_reader0", "running", 0, 750 << 20, 0, 0, 2.0),
+        JobProgress("w.worker0", "running", 501000, 60 << 20, 0, 2 << 20, 2.0),
+        JobProgress("w.worker1", "failed", 10, 1 << 20, 0, 0, 1.0),
+    ]
+    with ProgressDisplay(console, "live", 1000 << 20, "test") as display:
+        display(snap)
+        display(later)
+    text = buffer.getvalue()
+    for expected in ("worker0", "worker1", "failed", "running", "501.0k", "75%", "ETA"):
+        assert expected in text
+    assert "2.0" in text  # worker0's backlog in MB
+
+
+def test_usage_errors_exit_2(tmp_path, bam):
+    src, _ = bam
+    cases = [
+        ["shard", str(src)],  # no -o
+        ["shard", "-o", str(tmp_path / "x"), "--level", "13", str(src)],
+        ["shard", "-o", str(tmp_path / "x"), "--missing", "ignore", str(src)],
+        ["shard", "-o", str(tmp_path / "x"), str(tmp_path / "missing.bam")],
+        ["shard", "-o", str(tmp_path / "x"), "--bogus", str(src)],
+        ["run", "no_colon", str(src), "-o", str(tmp_path / "o.bam")],
+        ["run", "not_a_module_xyz:f", str(src), "-o", str(tmp_path / "o.bam")],
+        ["run", "os:f", str(src), "-o", str(tmp_path / "o.bam"), "--order", "sideways"],
+    ]
+    for args in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+    assert not (tmp_path / "o.bam").exists()
+
+
+def test_runtime_error_is_one_line_and_exit_1(tmp_path, bam):
+    src, _ = bam
+    broken = tmp_path / "broken.bam"
+    broken.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    out = tmp_path / "shards"
+    result = runner.invoke(app, ["shard", "-o", str(out), "-q", str(broken)])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bamflow shard: error: job 'shard.BAM_reader0' failed")
+    assert "Traceback" not in result.stderr
+    assert [p for p in os.listdir(out) if p.endswith(".bam")] == []
+    debug = runner.invoke(app, ["shard", "-o", str(out), "-q", "--debug", str(broken)])
+    assert debug.exit_code == 1 and "Traceback" in debug.stderr
+
+
+def test_version_and_help():
+    done = subprocess.run(["bamflow", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    for command in ("shard", "run"):
+        assert command in done.stdout
+    assert "bamflow shard --by CB" in done.stdout
+    assert subprocess.run([sys.executable, "-m", "bamflow.cli", "--version"], capture_output=True, text=True).returncode in (0, 1)
