@@ -5,6 +5,7 @@ from setuptools import Extension, setup
 extensions = [
     Extension("bamflow.kernels.lines", ["bamflow/kernels/lines.pyx"]),
     Extension("bamflow.kernels.bam", ["bamflow/kernels/bam.pyx"]),
+    Extension("bamflow.kernels.select", ["bamflow/kernels/select.pyx"]),
 ]
 
 setup(
