@@ -20,6 +20,7 @@ import random
 import sys
 import time
 from bisect import bisect
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from operator import itemgetter
 
@@ -433,6 +434,7 @@ def simulate_bam(
             entries.append((tid, pos, rank, lines))
 
     # ---- order and write ----
+    ordered: Iterator[str]
     if sort == "coordinate":
         entries.sort(key=itemgetter(0, 1))
         ordered = (line for e in entries for line in e[3])
@@ -455,14 +457,14 @@ def simulate_bam(
     opts = [f"level={level}".encode()] if level not in (None, 0) else None
     n_written = 0
     fromstring = pysam.AlignedSegment.fromstring
-    with pysam.AlignmentFile(path, mode, header=header, format_options=opts) as out:
+    with pysam.AlignmentFile(path, mode, header=header, format_options=opts) as out:  # type: ignore[arg-type]
         write = out.write
         for line in ordered:
             write(fromstring(line, header))
             n_written += 1
     assert n_written == n_reads == rid + n_sec, (n_written, n_reads, rid, n_sec)
 
-    size = os.path.getsize(path) if path != "-" and os.path.isfile(path) else None
+    file_size = os.path.getsize(path) if path != "-" and os.path.isfile(path) else None
     return SimulationSummary(
         path=str(path), seed=seed, sort=sort, format=format,
         n_records=n_written, n_primary=rid, n_secondary=n_sec, n_molecules=n_mol, n_duplicates=n_dup,
@@ -470,7 +472,7 @@ def simulate_bam(
         n_spliced=n_spliced, n_soft_clipped=n_clipped, n_with_tx=n_tx,
         n_barcodes=sum(1 for c in per_cb if c > 0), n_cells=sum(1 for c in per_cb if c >= min_cell_reads),
         min_cell_reads=min_cell_reads, max_reads_per_barcode=max(per_cb),
-        n_genes_seen=len(genes_seen), seconds=round(time.perf_counter() - t0, 3), file_size=size,
+        n_genes_seen=len(genes_seen), seconds=round(time.perf_counter() - t0, 3), file_size=file_size,
     )
 
 

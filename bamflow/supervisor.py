@@ -13,8 +13,9 @@ import multiprocessing.connection
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .errors import WorkflowError
 from .job import Failure, Job, run_job

@@ -297,7 +297,9 @@ class Workflow:
     ) -> Workflow:
         """Decode a BAM, uncompressed BAM or SAM file (``-``: stdin) into a raw BAM
         stream; BGZF is decompressed in ``threads`` threads."""
-        return self.add_job(func=func, job_name=job_name, input=InputFile(os.fspath(input)), output=output, threads=threads, **kwargs)
+        return self.add_job(
+            func=func, job_name=job_name, input=InputFile(os.fspath(input)), output=output, threads=threads, **kwargs
+        )
 
     bam_reader = BAM_reader
 

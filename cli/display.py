@@ -145,6 +145,7 @@ class ProgressDisplay:
             )
         fraction = self._fraction()
         elapsed = time.monotonic() - self.started
+        overall: Text | Group
         if fraction is None:
             overall = Text(f"{elapsed:.0f}s elapsed (input size unknown)")
         else:

@@ -199,12 +199,96 @@ def shard(
         )
 
 
+@app.command(epilog="Example: bamflow split --by CB --min-reads 100 -o cells/ in.bam")
+def split(
+    input: str = typer.Argument(..., help="BAM, uncompressed BAM or SAM file; - for stdin."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for the outputs (created if missing)."),
+    by: str = typer.Option("CB", "--by", help="Tag(s) whose values name the outputs (CB, or CB,UB)."),
+    barcodes: Path | None = typer.Option(None, "--barcodes", help="Only these values (one per line; gzip ok)."),
+    groups: Path | None = typer.Option(None, "--groups", help="TSV value<TAB>group (sinto's format): one BAM per group."),
+    min_reads: int | None = typer.Option(None, "--min-reads", min=1, help="Only values (or groups) with at least N reads."),
+    workers: int = typer.Option(2, "-w", "--workers", min=1, help="Worker processes writing outputs."),
+    memory: int = typer.Option(256, "--memory-mb", min=1, help="Record buffers shared by the workers, MB."),
+    prefix: str = typer.Option("", "--prefix", help="Prefix of every output file name."),
+    threads: int = THREADS,
+    level: str | None = LEVEL,
+    stats: Path | None = STATS,
+    quiet: bool = QUIET,
+    progress: str = PROGRESS,
+    debug: bool = DEBUG,
+) -> None:
+    """One BAM per tag value (e.g. per cell) or per group of values, in one pass.
+
+    Any number of outputs with a bounded number of open files and bounded
+    memory. File names come from the values, made safe (never outside OUTPUT);
+    OUTPUT/manifest.tsv maps each value to its file and read count.
+    """
+    from bamflow.bam.split import split_reads
+
+    if barcodes is not None and groups is not None:
+        raise typer.BadParameter("give --barcodes or --groups, not both", param_hint="--barcodes")
+    for path, hint in ((barcodes, "--barcodes"), (groups, "--groups")):
+        if path is not None and not path.is_file():
+            raise typer.BadParameter(f"'{path}' does not exist", param_hint=hint)
+    session = Session("split", input, quiet, debug, progress, stats)
+    lvl = _level(level)
+
+    def action(display: ProgressDisplay) -> dict[str, Any]:
+        return split_reads(
+            input, output, by=by, values=barcodes, groups=groups, min_reads=min_reads, workers=workers,
+            threads=threads, level=lvl, memory_budget=memory << 20, prefix=prefix,
+            command_line=_command_line(), on_progress=display,
+        )
+
+    result = session.run(action)
+    dropped = {reason: n for reason, n in result["dropped"].items() if n}
+    session.summary(result["records_in"], {f"{result['files']:,} files": result["written"]}, dropped, result["seconds"])
+
+
+@app.command(epilog="Example: bamflow filter --barcodes cells.txt in.bam -o subset.bam")
+def filter(
+    input: str = typer.Argument(..., help="BAM, uncompressed BAM or SAM file; - for stdin."),
+    output: str = typer.Option(..., "-o", "--output", help="Output BAM (- for stdout)."),
+    barcodes: Path = typer.Option(..., "--barcodes", help="Values to keep, one per line (gzip ok); any number."),
+    tag: str = typer.Option("CB", "--tag", help="The tag (or tags, CB,UB) to look up."),
+    invert: bool = typer.Option(False, "--invert", help="Keep the reads whose value is NOT listed."),
+    threads: int = THREADS,
+    level: str | None = LEVEL,
+    stats: Path | None = STATS,
+    quiet: bool = QUIET,
+    progress: str = PROGRESS,
+    debug: bool = DEBUG,
+) -> None:
+    """Keep the reads whose tag value is in a list (like subset-bam or samtools view -D).
+
+    Reads without the tag are dropped (and counted), with or without --invert.
+    """
+    from bamflow.bam.split import filter_reads
+
+    if not barcodes.is_file():
+        raise typer.BadParameter(f"'{barcodes}' does not exist", param_hint="--barcodes")
+    session = Session("filter", input, quiet, debug, progress, stats)
+    lvl = _level(level)
+
+    def action(display: ProgressDisplay) -> dict[str, Any]:
+        return dict(
+            filter_reads(
+                input, output, tag=tag, values=barcodes, invert=invert, threads=threads, level=lvl,
+                command_line=_command_line(), on_progress=display,
+            )
+        )
+
+    result = session.run(action)
+    dropped = {"not listed": result["dropped_not_listed"], "missing tag": result["dropped_missing_tag"]}
+    session.summary(result["records_in"], {output: result["kept"]}, {k: v for k, v in dropped.items() if v}, result["seconds"])
+
+
 @app.command(epilog="Example: bamflow run my_module:fix_read --by CB -w 4 in.bam -o out.bam")
 def run(
     function: str = typer.Argument(..., help="MODULE:FUNC or path/to/file.py:FUNC; FUNC(read) returns the read, None or reads."),
     input: str = typer.Argument(..., help="BAM, uncompressed BAM or SAM file; - for stdin."),
     output: str = typer.Option(..., "-o", "--output", help="Output BAM (- for stdout)."),
-    by: str | None = typer.Option(None, "--by", help="Send reads with the same tag value(s) (CB, CB,UB) or 'name' to one worker."),
+    by: str | None = typer.Option(None, "--by", help="Send reads with the same tag value(s) (CB, CB,UB) or 'name' together."),
     workers: int = typer.Option(2, "-w", "--workers", min=1, help="Worker processes."),
     order: str = typer.Option("input", "--order", help="Output order: input, any, coordinate, tag:XX."),
     missing: str = typer.Option("error", "--missing", help="Reads without the --by tag: error or drop."),

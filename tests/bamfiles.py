@@ -17,7 +17,10 @@ def header(extra_pg=True):
         "CO": ["test file — grüße"],
     }
     if extra_pg:
-        h["PG"] = [{"ID": "cellranger", "PN": "cellranger", "VN": "7.1.0"}, {"ID": "samtools", "PN": "samtools", "PP": "cellranger"}]
+        h["PG"] = [
+            {"ID": "cellranger", "PN": "cellranger", "VN": "7.1.0"},
+            {"ID": "samtools", "PN": "samtools", "PP": "cellranger"},
+        ]
     return pysam.AlignmentHeader.from_dict(h)
 
 

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from collections import Counter
 
-import pytest
 import pysam
+import pytest
 from bamfiles import read_records, sort_key, without_bamflow_pg, write_bam
 from conftest import assert_clean
 from jobfuncs import (

@@ -12,11 +12,11 @@ from collections import Counter
 import pysam
 import pytest
 from bamfiles import read_records, write_bam
+from bamflow.cli.display import ProgressDisplay
+from bamflow.cli.main import app
 from rich.console import Console
 from typer.testing import CliRunner
 
-from bamflow.cli.display import ProgressDisplay
-from bamflow.cli.main import app
 from bamflow.progress import JobProgress
 
 runner = CliRunner()
@@ -187,3 +187,29 @@ def test_version_and_help():
         assert command in done.stdout
     assert "bamflow shard --by CB" in done.stdout
     assert subprocess.run([sys.executable, "-m", "bamflow.cli", "--version"], capture_output=True, text=True).returncode in (0, 1)
+
+
+def test_split_and_filter_commands(tmp_path, bam):
+    src, reads = bam
+    per_cell = Counter(r.get_tag("CB") for r in reads if r.has_tag("CB"))
+    big = sorted(cb for cb, n in per_cell.items() if n >= 50)
+    assert 0 < len(big) < len(per_cell)
+    out = tmp_path / "cells"
+    result = runner.invoke(app, ["split", "--by", "CB", "--min-reads", "50", "-o", str(out), str(src), "-q"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p[:-4] for p in os.listdir(out) if p.endswith(".bam")) == big
+    for cb in big[:3]:
+        assert [c for _, c in cells_of(out / f"{cb}.bam")] == [cb] * per_cell[cb]
+    listed = tmp_path / "keep.txt"
+    listed.write_text("\n".join(big[:5]) + "\n")
+    for invert in (False, True):
+        subset = tmp_path / f"subset{invert}.bam"
+        args = ["filter", "--barcodes", str(listed), str(src), "-o", str(subset), "-q"] + (["--invert"] if invert else [])
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        kept = [n for n, _ in cells_of(subset)]
+        expected = [r.query_name for r in reads if r.has_tag("CB") and (r.get_tag("CB") in big[:5]) != invert]
+        assert kept == expected
+    assert runner.invoke(app, ["filter", str(src), "-o", str(tmp_path / "x.bam")]).exit_code == 2  # no --barcodes
+    bad = runner.invoke(app, ["split", "-o", str(out), "--barcodes", str(listed), "--groups", str(listed), str(src)])
+    assert bad.exit_code == 2

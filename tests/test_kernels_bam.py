@@ -11,12 +11,12 @@ import subprocess
 import sys
 import tempfile
 
+import bamgen
 import pysam
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import bamgen
 from bamflow.kernels.bam import collect_bam, distribute_bam, split_header
 
 HEADER = bamgen.header()
@@ -405,7 +405,7 @@ def test_malformed_records():
 
 def split_among(draw, recs, k):
     owners = [draw(st.integers(0, k - 1)) for _ in recs]
-    return [[r for r, o in zip(recs, owners) if o == i] for i in range(k)]
+    return [[r for r, o in zip(recs, owners, strict=True) if o == i] for i in range(k)]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -521,7 +521,7 @@ def test_collect_over_pipes_with_big_records(order):
                  ref_id=0, pos=j * 3 + i, flag=0, seq="ACGT" * (j * 50))
              for j in range(12)]
         parts.append(p)
-    procs, fds = zip(*[_writer(stream(p), c) for p, c in zip(parts, (1000, 4096, 65536))])
+    procs, fds = zip(*[_writer(stream(p), c) for p, c in zip(parts, (1000, 4096, 65536), strict=True)], strict=True)
     with Files() as files:
         out_path = files.new()
         out_fd = os.open(out_path, os.O_WRONLY)

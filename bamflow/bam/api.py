@@ -23,10 +23,9 @@ from typing import Any
 from .. import progress
 from ..errors import WorkflowError
 from ..fifo import FIFO
+from ..kernels.bam import CHUNK_END_NAME as _CHUNK_END_NAME
 from ..workflow import Workflow, merge_counts
 from .header import command_line as _process_command_line
-
-from ..kernels.bam import CHUNK_END_NAME as _CHUNK_END_NAME
 
 CHUNK_END_NAME = _CHUNK_END_NAME.decode()
 log = logging.getLogger("bamflow")

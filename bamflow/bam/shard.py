@@ -121,7 +121,8 @@ def shard(
     for i, name in enumerate(names):
         w.BAM_writer(input=FIFO(f"shard{i}", "rb"), output=os.path.join(out_dir, name), level=level, threads=1, command_line=cl)
     if unassigned:
-        w.BAM_writer(input=FIFO("unassigned", "rb"), output=os.path.join(out_dir, "unassigned.bam"), level=level, threads=1, command_line=cl)
+        unassigned_path = os.path.join(out_dir, "unassigned.bam")
+        w.BAM_writer(input=FIFO("unassigned", "rb"), output=unassigned_path, level=level, threads=1, command_line=cl)
     w.run(timeout=timeout, on_progress=on_progress)
 
     dist = w.result_dict["shard.dist0"]

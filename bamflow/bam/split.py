@@ -42,7 +42,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from typing import Any
 
@@ -227,7 +227,10 @@ def split_job(
     def label_of(out: int, key: bytes | None) -> bytes:
         if key is not None:
             return key
-        return labels[out] if labels is not None else selected.value_at(out)
+        if labels is not None:
+            return labels[out]
+        assert selected is not None  # outputs are either groups or selected values
+        return selected.value_at(out)
 
     def on_flush(out: int, key: bytes | None, data: bytes) -> None:
         path = paths.get(out)
@@ -274,6 +277,7 @@ def filter_reads(
     command_line: str | None = None,
     start_method: str | None = None,
     timeout: float | None = None,
+    on_progress: Callable[[Any], None] | None = None,
 ) -> dict[str, int]:
     """Write the reads of ``input`` whose ``tag`` value is in ``values`` (not in
     it, with ``invert``) to ``output`` (BAM, one @PG line added).
@@ -307,7 +311,7 @@ def filter_reads(
         threads=threads,
         command_line=command_line or _process_command_line(),
     )
-    w.run(timeout=timeout)
+    w.run(timeout=timeout, on_progress=on_progress)
     stats = dict(w.result_dict["filter_reads.filter0"])
     if stats["records_in"] != stats["kept"] + stats["dropped_not_listed"] + stats["dropped_missing_tag"]:
         raise WorkflowError(f"filter_reads: reads do not add up: {stats}")
@@ -358,6 +362,7 @@ def split_reads(
     command_line: str | None = None,
     start_method: str | None = None,
     timeout: float | None = None,
+    on_progress: Callable[[Any], None] | None = None,
 ) -> dict[str, Any]:
     """Write one BAM per value of tag(s) ``by`` (``"CB"``, ``"CB,UB"``) into
     ``out_dir``, in one pass over ``input``, plus ``out_dir/manifest.tsv``.
@@ -414,7 +419,7 @@ def split_reads(
                 level=DEFAULT_LEVEL if level is None else level,
                 command_line=command_line or _process_command_line(),
             )
-        w.run(timeout=timeout)
+        w.run(timeout=timeout, on_progress=on_progress)
         dist = w.result_dict["split_reads.dist0"]
         per_worker = w.results("split_reads.worker*")
         stats = _finish(tmp_dir, out_dir, per_worker, min_reads, moved)
@@ -423,7 +428,8 @@ def split_reads(
         stats["dropped"]["not_selected"] = sum(p["not_selected"] for p in per_worker)
         dealt = dist["records"] - dist["dropped_missing_tag"]
         if dealt != sum(p["records"] for p in per_worker):
-            raise WorkflowError(f"split_reads: {dealt} reads dealt to workers, {sum(p['records'] for p in per_worker)} read by them")
+            read_by_workers = sum(p["records"] for p in per_worker)
+            raise WorkflowError(f"split_reads: {dealt} reads dealt to workers, {read_by_workers} read by them")
         if stats["records_in"] != stats["written"] + sum(stats["dropped"].values()):
             raise WorkflowError(f"split_reads: reads do not add up: {stats}")
     except BaseException:

@@ -13,8 +13,8 @@ import os
 from contextlib import ExitStack
 from typing import Any
 
-from ..bgzf import DEFAULT_LEVEL, BgzfReader, BgzfWriter, detect_format
 from .. import progress
+from ..bgzf import DEFAULT_LEVEL, BgzfReader, BgzfWriter, detect_format
 from ..fifo import wait_readable
 from ..files import STDIN_NAMES, fd_of, open_for_reading, write_all
 from .header import BamFormatError, BamHeader
@@ -238,7 +238,7 @@ def distribute_records(
             header_fd = os.dup(fd_of(header_fifo, True, stack))
             if hasattr(header_fifo, "close"):
                 header_fifo.close()
-        return distribute_bam(
+        return dict(distribute_bam(
             in_fd,
             out_fds,
             by=by,
@@ -250,7 +250,7 @@ def distribute_records(
             mark_chunks=mark_chunks,
             count_values=count_values,
             progress=progress.current().slot,
-        )
+        ))
 
 
 def collect_records(inputs: list[Any], output: Any, header_fifo: Any = None, order: str = "any") -> dict[str, Any]:
@@ -265,4 +265,4 @@ def collect_records(inputs: list[Any], output: Any, header_fifo: Any = None, ord
         in_fds = [fd_of(i, False, stack) for i in inputs]
         header_fd = -1 if header_fifo is None else fd_of(header_fifo, False, stack)
         out_fd = fd_of(output, True, stack)
-        return collect_bam(in_fds, out_fd, order=order, header_fd=header_fd, tag=tag, progress=progress.current().slot)
+        return dict(collect_bam(in_fds, out_fd, order=order, header_fd=header_fd, tag=tag, progress=progress.current().slot))

@@ -1,4 +1,5 @@
-from typing import Iterable, Literal, TypedDict
+from collections.abc import Iterable
+from typing import Literal, TypedDict
 
 class _DistributeStats(TypedDict):
     records: int
@@ -26,7 +27,7 @@ def distribute_bam(
     *,
     by: Literal["name"] | Iterable[bytes | str] | None = None,
     chunk_size: int = 1000,
-    missing: Literal["error", "drop", "unassigned"] = "error",
+    missing: str = "error",
     unassigned_fd: int = -1,
     header_fd: int = -1,
     header_broadcast: bool = True,
@@ -40,7 +41,7 @@ def collect_bam(
     in_fds: Iterable[int],
     out_fd: int,
     *,
-    order: Literal["any", "input", "coordinate", "tag"] = "any",
+    order: str = "any",
     header_fd: int = -1,
     tag: bytes | str | None = None,
     buffer_size: int = 1 << 20,

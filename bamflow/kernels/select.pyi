@@ -1,4 +1,5 @@
-from typing import Callable, Iterable, TypedDict
+from collections.abc import Callable, Iterable
+from typing import Any, TypedDict
 
 class FilterStats(TypedDict):
     records_in: int
@@ -30,7 +31,7 @@ class ValueSet:
 def filter_records(
     in_fd: int, out_fd: int, values: ValueSet, tag: bytes | str | Iterable[bytes | str] = b"CB",
     invert: bool = False, *, buffer_size: int = 1 << 20, out_buffer_size: int = 1 << 20,
-) -> FilterStats: ...
+) -> dict[str, Any]: ...
 def split_records(
     in_fd: int,
     tag: bytes | str | Iterable[bytes | str],
@@ -43,4 +44,4 @@ def split_records(
     min_reads: int = 0,
     drop_below: bool = True,
     buffer_size: int = 1 << 20,
-) -> SplitStats: ...
+) -> dict[str, Any]: ...
