@@ -3,6 +3,8 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 extensions = [
+    # shared building blocks, cimported by the kernels below (see _records.pxd)
+    Extension("bamflow.kernels._records", ["bamflow/kernels/_records.pyx"]),
     Extension("bamflow.kernels.lines", ["bamflow/kernels/lines.pyx"]),
     Extension("bamflow.kernels.bam", ["bamflow/kernels/bam.pyx"]),
     Extension("bamflow.kernels.select", ["bamflow/kernels/select.pyx"]),
