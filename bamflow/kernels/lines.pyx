@@ -8,75 +8,20 @@ different streams can never run together.
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.errno cimport errno
 from libc.stdint cimport uint8_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memchr, memcmp, memcpy, memmove, strerror
+from libc.string cimport memchr, memcmp, memcpy, memmove
 from posix.unistd cimport close
 
 from bamflow.kernels._posixio cimport (
     POLLERR, POLLHUP, POLLIN, fnv1a64, poll, pollfd, read_some, wait_readable,
     write_all,
 )
-
-
-cdef int _raise_errno(str what) except -1:
-    cdef int err = errno
-    raise OSError(err, f"{what}: {strerror(err).decode()}")
-
-
-# -- output staging: one growable-by-flush buffer per output ---------------------
-
-cdef struct OutBuf:
-    int fd
-    char *data
-    Py_ssize_t used
-    Py_ssize_t cap
-    long long lines
-
-
-cdef int _flush(OutBuf *o) except -1:
-    if o.used:
-        if write_all(o.fd, o.data, o.used) < 0:
-            _raise_errno("write")
-        o.used = 0
-    return 0
-
-
-cdef int _put(OutBuf *o, const char *data, Py_ssize_t length) except -1:
-    if o.used + length > o.cap:
-        _flush(o)
-        if length >= o.cap:
-            if write_all(o.fd, data, length) < 0:
-                _raise_errno("write")
-            return 0
-    memcpy(o.data + o.used, data, length)
-    o.used += length
-    return 0
-
-
-cdef OutBuf *_new_outbufs(list fds, Py_ssize_t cap) except NULL:
-    cdef Py_ssize_t i, n = len(fds)
-    cdef OutBuf *outs = <OutBuf *> calloc(n, sizeof(OutBuf))
-    if outs == NULL:
-        raise MemoryError()
-    for i in range(n):
-        outs[i].fd = fds[i]
-        outs[i].cap = cap
-        outs[i].data = <char *> malloc(cap)
-        if outs[i].data == NULL:
-            _free_outbufs(outs, n)
-            raise MemoryError()
-    return outs
-
-
-cdef void _free_outbufs(OutBuf *outs, Py_ssize_t n) noexcept:
-    cdef Py_ssize_t i
-    if outs == NULL:
-        return
-    for i in range(n):
-        free(outs[i].data)
-    free(outs)
+# output staging (one growable-by-flush buffer per output), shared with the BAM
+# kernels; an OutBuf's ``records`` counts the lines written to it
+from bamflow.kernels._records cimport (
+    OutBuf, _flush, _free_outbufs, _new_outbufs, _put, _raise_errno,
+)
 
 
 cdef inline long long _count_lines(const char *p, Py_ssize_t n) noexcept nogil:
@@ -233,10 +178,10 @@ def distribute_lines(
                         key_end = hit
                     target = fnv1a64(<const uint8_t *> key, key_end - key) % <uint64_t> n_out
                     _put(&outs[target], line, line_len)
-                    outs[target].lines += 1
+                    outs[target].records += 1
                 else:
                     _put(&outs[target], line, line_len)
-                    outs[target].lines += 1
+                    outs[target].records += 1
                     in_chunk += 1
                     if in_chunk == chunk_size:
                         in_chunk = 0
@@ -255,7 +200,7 @@ def distribute_lines(
             "lines": body_lines,
             "header_lines": header_lines,
             "bytes": bytes_read,
-            "per_output": [outs[i].lines for i in range(n_out)],
+            "per_output": [outs[i].records for i in range(n_out)],
         }
     finally:
         if header_fd >= 0:
@@ -266,7 +211,7 @@ def distribute_lines(
 
 # -- collect ----------------------------------------------------------------------
 
-cdef struct InBuf:
+cdef struct LineInBuf:
     int fd
     char *data
     Py_ssize_t start
@@ -279,7 +224,7 @@ cdef struct InBuf:
     long long lines
 
 
-cdef int _fill(InBuf *ib) except -1:
+cdef int _fill_lines(LineInBuf *ib) except -1:
     """Read once into ib (growing it when full); sets eof at end of stream."""
     cdef char *grown
     cdef Py_ssize_t n
@@ -309,17 +254,17 @@ cdef int _fill(InBuf *ib) except -1:
     return 0
 
 
-cdef int _emit(InBuf *ib, OutBuf *out, Py_ssize_t upto, long long lines) except -1:
+cdef int _emit(LineInBuf *ib, OutBuf *out, Py_ssize_t upto, long long lines) except -1:
     _put(out, ib.data + ib.start, upto - ib.start)
     ib.lines += lines
-    out.lines += lines
+    out.records += lines
     ib.start = upto
     ib.scan = upto
     ib.scan_lines = 0
     return 0
 
 
-cdef Py_ssize_t _last_newline(InBuf *ib) noexcept nogil:
+cdef Py_ssize_t _last_newline(LineInBuf *ib) noexcept nogil:
     cdef Py_ssize_t i = ib.end
     while i > ib.start:
         i -= 1
@@ -328,7 +273,7 @@ cdef Py_ssize_t _last_newline(InBuf *ib) noexcept nogil:
     return -1
 
 
-cdef int _poll_inputs(InBuf *ins, Py_ssize_t n_in, pollfd *pfds, Py_ssize_t *index,
+cdef int _poll_inputs(LineInBuf *ins, Py_ssize_t n_in, pollfd *pfds, Py_ssize_t *index,
                       OutBuf *out, Py_ssize_t must, Py_ssize_t read_ahead,
                       int lone_timeout_ms) except -2:
     """Read once from every readable input that is not at EOF.
@@ -366,7 +311,7 @@ cdef int _poll_inputs(InBuf *ins, Py_ssize_t n_in, pollfd *pfds, Py_ssize_t *ind
         return 0
     for i in range(k):
         if pfds[i].revents & (POLLIN | POLLHUP | POLLERR):
-            _fill(&ins[index[i]])
+            _fill_lines(&ins[index[i]])
     return k
 
 
@@ -405,11 +350,11 @@ def collect_lines(
         raise ValueError("chunk_size, buffer_size and out_buffer_size must be >= 1")
     cdef bint round_robin = order == "round-robin"
 
-    cdef InBuf *ins = NULL
+    cdef LineInBuf *ins = NULL
     cdef pollfd *pfds = NULL
     cdef Py_ssize_t *index = NULL
     cdef OutBuf out
-    cdef InBuf header
+    cdef LineInBuf header
     cdef Py_ssize_t i, cur = 0, finished = 0, upto, fullest
     cdef long long header_lines = 0, out_of_turn = 0
     cdef const char *hit
@@ -417,12 +362,13 @@ def collect_lines(
     out.fd = out_fd
     out.cap = out_buffer_size
     out.used = 0
-    out.lines = 0
+    out.records = 0
+    out.progress = NULL
     out.data = NULL
     header.data = NULL
     try:
         out.data = <char *> malloc(out_buffer_size)
-        ins = <InBuf *> calloc(n_in if n_in else 1, sizeof(InBuf))
+        ins = <LineInBuf *> calloc(n_in if n_in else 1, sizeof(LineInBuf))
         pfds = <pollfd *> calloc(n_in if n_in else 1, sizeof(pollfd))
         index = <Py_ssize_t *> calloc(n_in if n_in else 1, sizeof(Py_ssize_t))
         if out.data == NULL or ins == NULL or pfds == NULL or index == NULL:
@@ -445,7 +391,7 @@ def collect_lines(
             if wait_readable(header_fd) < 0:
                 _raise_errno("poll")
             while not header.eof:
-                _fill(&header)
+                _fill_lines(&header)
                 upto = _last_newline(&header)
                 if upto > 0:
                     header_lines += _count_lines(header.data + header.start, upto - header.start)
@@ -499,11 +445,11 @@ def collect_lines(
                                            upto - ins[fullest].start))
                         out_of_turn += 1
                     else:
-                        _fill(&ins[fullest])  # one line longer than read_ahead
+                        _fill_lines(&ins[fullest])  # one line longer than read_ahead
 
         _flush(&out)
         return {
-            "lines": out.lines,
+            "lines": out.records,
             "header_lines": header_lines,
             "per_input": [ins[i].lines for i in range(n_in)],
             "out_of_turn": out_of_turn,
