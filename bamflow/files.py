@@ -116,3 +116,31 @@ def write_all(fd: int, data: memoryview) -> None:
     """os.write until all of ``data`` is written."""
     while data:
         data = data[os.write(fd, data) :]
+
+
+def owned_fd(target: Any, writing: bool) -> int:
+    """A descriptor for ``target`` that the caller owns and must close: a
+    duplicate of an open file's descriptor (the file object is closed, so the
+    caller's close is the last one), or a path opened here."""
+    if hasattr(target, "fileno"):
+        if writing:
+            target.flush()
+        fd = os.dup(target.fileno())
+        target.close()
+        return fd
+    return open_for_writing(target) if writing else open_for_reading(target)
+
+
+def copy_stream(stream: Any, out: Any, block: int = 1 << 20) -> int:
+    """Copy a readable stream to an fd (int) or a writable object until the
+    stream ends; returns the byte count."""
+    total = 0
+    while True:
+        data = stream.read(block)
+        if not data:
+            return total
+        if isinstance(out, int):
+            write_all(out, memoryview(data))
+        else:
+            out.write(data)
+        total += len(data)

@@ -112,26 +112,36 @@ def _open_fifos(job: Job, fifo_paths: dict[str, str], pipe_size: int) -> tuple[d
         for name, fd in zip(write_names, fds, strict=True):
             opened[name] = wrap_fd(fd, modes[name], name)
     except BaseException:
-        _close_files(list(opened.values()), quiet=True)
+        _abandon_files(list(opened.values()))
         raise
     return opened, list(opened.values())
 
 
-def _close_files(files: list[FifoFile], quiet: bool) -> None:
-    """Close every file (flushing writers); the first error is raised unless quiet."""
+def _close_files(files: list[FifoFile]) -> None:
+    """Close every file (flushing writers); raises the first error after closing all."""
     first_error: BaseException | None = None
     for f in files:
         try:
             f.close()
         except BaseException as e:  # keep closing the others: downstream must see EOF
-            if quiet:
-                try:
-                    os.close(f.fileno())
-                except (OSError, ValueError):
-                    pass
+            try:
+                os.close(f.fileno())
+            except (OSError, ValueError):
+                pass
             first_error = first_error or e
-    if first_error is not None and not quiet:
+    if first_error is not None:
         raise first_error
+
+
+def _abandon_files(files: list[FifoFile]) -> None:
+    """Close the descriptors without flushing: after a failure, a writer must not
+    block on a reader that is not reading (the process exits with os._exit, so
+    no buffered data is flushed later)."""
+    for f in files:
+        try:
+            os.close(f.fileno())
+        except (OSError, ValueError):
+            pass
 
 
 def _usage(t0: float) -> dict[str, float]:
@@ -152,6 +162,7 @@ def run_job(
     job: Job,
     fifo_paths: dict[str, str],
     temp_outputs: dict[str, str],
+    earlier_outputs: dict[str, str],
     pipe_size: int,
     conn: Any,
     parent_pid: int | None,
@@ -173,16 +184,18 @@ def run_job(
                 names = spec.names()
                 handles = [opened[n] for n in names] if job.manage_fifos else [fifo_paths[n] for n in names]
                 return handles if spec.is_collection else handles[0]
+            if isinstance(spec, OutputFile):
+                return temp_outputs[spec.key]
             # an earlier phase's output is read where it is being written
-            return temp_outputs.get(spec.key, spec.path)
+            return earlier_outputs.get(spec.key, spec.path)
 
         args, kwargs = job.map_args(bind)
         result = job.func(*args, **kwargs)
-        _close_files(files, quiet=False)
+        _close_files(files)
         message: tuple = ("ok", result, _usage(t0))
     except BaseException as e:
         failed_at = time.monotonic()  # before closing: downstream jobs see EOF then
-        _close_files(files, quiet=True)
+        _abandon_files(files)
         failure = Failure(
             summary=f"{type(e).__name__}: {e}" if str(e) else type(e).__name__,
             traceback=traceback.format_exc(),

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from .bam.stages import decode_bam as bam_reader  # noqa: F401  (mrfifo's names)
 from .bam.stages import encode_bam as bam_writer  # noqa: F401
-from .files import fd_of, open_for_reading, write_all
+from .fifo import wait_readable
+from .files import copy_stream, fd_of, open_for_reading, owned_fd, write_all
 from .kernels.lines import collect_lines as _collect_lines_kernel
 from .kernels.lines import distribute_lines as _distribute_lines_kernel
 
@@ -28,8 +29,6 @@ GZIP_MAGIC = b"\x1f\x8b"
 
 def _copy(in_fd: int, out_fd: int) -> int:
     """Copy in_fd to out_fd until end of file; returns the byte count."""
-    from .fifo import wait_readable
-
     total = 0
     try:
         while True:  # sendfile: no copy through user space (regular-file input)
@@ -75,26 +74,16 @@ def read_gz_or_plain(inputs: list[str], output: Any) -> int:
         for path in inputs:
             with io.BufferedReader(io.FileIO(open_for_reading(path), "rb"), COPY_BLOCK) as raw:
                 if raw.peek(2)[:2] != GZIP_MAGIC:
-                    total += _copy_stream(raw, out_fd)
+                    total += copy_stream(raw, out_fd)
                     continue
                 try:
                     with igzip.IGzipFile(fileobj=raw, mode="rb") as unzipped:
-                        total += _copy_stream(unzipped, out_fd)
+                        total += copy_stream(unzipped, out_fd)
                 except (EOFError, OSError) as e:
                     if isinstance(e, BrokenPipeError):
                         raise
                     raise ValueError(f"{path}: corrupt or truncated gzip data ({e})") from None
     return total
-
-
-def _copy_stream(stream: Any, out_fd: int) -> int:
-    total = 0
-    while True:
-        block = stream.read(COPY_BLOCK)
-        if not block:
-            return total
-        write_all(out_fd, memoryview(block))
-        total += len(block)
 
 
 def distribute_lines(
@@ -114,12 +103,8 @@ def distribute_lines(
     with ExitStack() as stack:
         in_fd = fd_of(input, False, stack)
         out_fds = [fd_of(o, True, stack) for o in outputs]
-        header_fd = -1
-        if header_fifo is not None:
-            # the kernel owns (and closes, as soon as the header ends) its own descriptor
-            header_fd = os.dup(fd_of(header_fifo, True, stack))
-            if hasattr(header_fifo, "close"):
-                header_fifo.close()
+        # the kernel closes the header's descriptor as soon as the header ends
+        header_fd = -1 if header_fifo is None else owned_fd(header_fifo, writing=True)
         return _distribute_lines_kernel(
             in_fd,
             out_fds,

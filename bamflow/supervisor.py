@@ -88,6 +88,7 @@ class Supervisor:
         context: Any,
         fifo_paths: dict[str, str],
         temp_outputs: dict[str, str],
+        earlier_outputs: dict[str, str],
         pipe_size: int,
         stop_grace: float = 0.5,
         report_grace: float = 0.2,
@@ -104,6 +105,7 @@ class Supervisor:
         self.context = context
         self.fifo_paths = fifo_paths
         self.temp_outputs = temp_outputs
+        self.earlier_outputs = earlier_outputs
         self.pipe_size = pipe_size
         self.stop_grace = stop_grace
         self.running: list[_Running] = []
@@ -133,14 +135,18 @@ class Supervisor:
             counters = (self.board.path, index) if self.board else None
             process = self.context.Process(
                 target=run_job,
-                args=(job, self.fifo_paths, self.temp_outputs, self.pipe_size, sender, parent, counters),
+                args=(job, self.fifo_paths, self.temp_outputs, self.earlier_outputs, self.pipe_size, sender, parent, counters),
                 name=job.name,
             )
+            self.running.append(_Running(job, process, receiver))
             try:
                 process.start()
+            except BaseException:
+                self.running.pop()
+                receiver.close()
+                raise
             finally:
                 sender.close()
-            self.running.append(_Running(job, process, receiver))
             try:
                 os.setpgid(process.pid, process.pid)
             except OSError:
@@ -167,7 +173,10 @@ class Supervisor:
                     raise WorkflowError(f"workflow timed out; still running: {self._names_alive()}")
                 continue
             for obj in ready:
-                kind, r = waiting.pop(obj)
+                entry = waiting.pop(obj, None)
+                if entry is None:  # a message already taken with its sentinel
+                    continue
+                kind, r = entry
                 if kind == "message":
                     self._receive(r)
                 else:
@@ -259,12 +268,15 @@ class Supervisor:
 
     @staticmethod
     def _error(failed: list[Outcome], outcomes: dict[str, Outcome]) -> WorkflowError:
-        # The first failure that is not a broken pipe is the cause; broken pipes
-        # follow from another job's end.
-        def order(o: Outcome) -> tuple[bool, float]:
+        # The cause, in order of likelihood: a job that died without a word
+        # (killed: the out-of-memory killer, SIGKILL, os._exit) — its peers'
+        # errors about short streams follow from it; then the first job that
+        # raised; broken pipes (and SIGPIPE) last, they follow from another
+        # job's end.
+        def order(o: Outcome) -> tuple[bool, bool, float]:
             if o.failure is not None:
-                return (o.failure.broken_pipe, o.failure.time)
-            return (False, o.seen_at)
+                return (o.failure.broken_pipe, True, o.failure.time)
+            return (o.exitcode == -signal.SIGPIPE, False, o.seen_at)
 
         cause = min(failed, key=order)
         return WorkflowError(

@@ -53,7 +53,7 @@ from . import parts
 from .bam import stages as bam_stages
 from .errors import WorkflowError
 from .fifo import FIFO, pipe_max_size
-from .files import STDOUT_NAMES, InputFile, OutputFile
+from .files import InputFile, OutputFile
 from .job import Job
 from .progress import JobProgress
 from .supervisor import Supervisor
@@ -433,8 +433,8 @@ class Workflow:
         return [job for phase in self.phases() for job in phase]
 
     def results(self, pattern: str = "*") -> list[Any]:
-        """Return values of the jobs whose names match the glob ``pattern``, in name order."""
-        return [self.result_dict[name] for name in sorted(self.result_dict) if fnmatch.fnmatchcase(name, pattern)]
+        """Return values of the jobs whose names match the glob ``pattern``, in job order."""
+        return [result for name, result in self.result_dict.items() if fnmatch.fnmatchcase(name, pattern)]
 
     def reduce(
         self,
@@ -493,13 +493,18 @@ class Workflow:
         timeout: float | None = None,
         on_progress: Callable[[list[JobProgress]], None] | None = None,
         progress_interval: float = 0.5,
+        check: Callable[[Workflow], None] | None = None,
     ) -> Workflow:
         """Run every phase; returns self, raises WorkflowError on any failure.
 
         ``timeout`` (seconds) bounds the whole run. ``on_progress`` is called
         about every ``progress_interval`` seconds (and once at the end of each
-        phase) with a :class:`~bamflow.progress.JobProgress` per job. SIGINT
-        and SIGTERM stop every job and clean up before the exception propagates.
+        phase) with a :class:`~bamflow.progress.JobProgress` per job.
+        ``check(workflow)`` runs after every job succeeded and before any
+        output is renamed into place: if it raises (say, because the reads do
+        not add up), no output appears. SIGINT and SIGTERM stop every job and
+        clean up before the exception propagates; they wait while outputs are
+        being renamed, so that all or none appear.
         """
         self.validate()
         self.result_dict.clear()
@@ -509,12 +514,14 @@ class Workflow:
         pipe_size = self.pipe_size or pipe_max_size()
         deadline = None if timeout is None else time.monotonic() + timeout
         temp_outputs: dict[str, str] = {}
-        fifo_dir = tempfile.mkdtemp(prefix=f"bamflow-{re.sub(r'[^A-Za-z0-9_.-]', '_', self.name)[:40]}-", dir=self.tmp_dir)
+        fifo_dir = tempfile.mkdtemp(prefix=f"bamflow-{_safe_name(self.name, 40)}-", dir=self.tmp_dir)
         succeeded = False
         try:
             with _sigterm_raises():
                 for number, phase in enumerate(self.phases()):
-                    fifo_paths = self._make_fifos(phase, os.path.join(fifo_dir, str(number)))
+                    # inputs are read where an earlier phase wrote them; a file
+                    # this phase both reads and writes is read as it was
+                    earlier_outputs = dict(temp_outputs)
                     for job in phase:
                         for spec in job.specs():
                             if isinstance(spec, OutputFile):
@@ -522,8 +529,9 @@ class Workflow:
                     supervisor = Supervisor(
                         phase,
                         context,
-                        fifo_paths,
+                        self._make_fifos(phase, os.path.join(fifo_dir, str(number))),
                         temp_outputs,
+                        earlier_outputs,
                         pipe_size,
                         self.stop_grace,
                         counters_path=os.path.join(fifo_dir, str(number), "counters"),
@@ -541,13 +549,16 @@ class Workflow:
                         self.result_dict[name] = outcome.result
                         self.job_stats[name] = outcome.usage
                     shutil.rmtree(os.path.join(fifo_dir, str(number)), ignore_errors=True)
-            self._publish(temp_outputs)
-            succeeded = True
+                if check is not None:
+                    check(self)
+                with _signals_deferred():
+                    self._publish(temp_outputs)
+                    succeeded = True
         finally:
             shutil.rmtree(fifo_dir, ignore_errors=True)
             if not succeeded:
-                for temp in temp_outputs.values():
-                    if temp not in STDOUT_NAMES and not temp.startswith("/dev/"):
+                for final, temp in temp_outputs.items():
+                    if temp != final:
                         try:
                             os.unlink(temp)
                         except FileNotFoundError:
@@ -561,7 +572,7 @@ class Workflow:
         paths = {}
         for i, name in enumerate(names):
             # FIFO names are free text; the file name must not be
-            paths[name] = os.path.join(folder, f"{i}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[:60]}")
+            paths[name] = os.path.join(folder, f"{i}-{_safe_name(name, 60)}")
             os.mkfifo(paths[name], 0o600)
         return paths
 
@@ -577,6 +588,25 @@ class Workflow:
 
     def __repr__(self) -> str:
         return f"Workflow({self.name!r}, jobs={[job.name for job in self.jobs()]})"
+
+
+def _safe_name(name: str, limit: int) -> str:
+    """A free-text name as a file name part."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:limit]
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back (main thread only) until the block is done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextmanager

@@ -212,3 +212,28 @@ def count_and_copy(reads, out):
         counts[cb] = counts.get(cb, 0) + 1
         out.write(read)
     return counts
+
+
+def write_then_die(output):
+    """Write part of a stream, then die as the out-of-memory killer would kill it."""
+    output.write(b"x" * 100)
+    output.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def require_1000_bytes(input):
+    """A consumer that fails on a short stream (a consequence, not a cause)."""
+    data = input.read()
+    if len(data) < 1000:
+        raise ValueError(f"stream too short: {len(data)} bytes")
+    return len(data)
+
+
+def first_ten_reads(reads, out):
+    """map_reduce: a function that stops before its share ends."""
+    names = []
+    for read in reads:
+        names.append(read.query_name)
+        if len(names) == 10:
+            break
+    return len(names)

@@ -279,3 +279,44 @@ def test_unsorted_input_to_coordinate_collect(tmp_path):
     write_bam(src, n=2000, order="unsorted")
     message = run_bad(tmp_path, src, order="coordinate")
     assert "collect0" in message and "not coordinate-sorted" in message
+
+
+def test_sam_on_stdin_and_sam_appended_to_stdout(tmp_path):
+    """SAM read from a pipe loses nothing; SAM written to stdout appends, never truncates."""
+    src = tmp_path / "in.sam"
+    reads = write_bam(src, n=400, mode="w")
+    out = tmp_path / "out.sam"
+    out.write_text("PRECIOUS\n")
+    script = (
+        "import sys, bamflow as bf\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from jobfuncs import tag_with_length\n"
+        "bf.map_reads('-', tag_with_length, '-', fmt='sam')\n"
+    )
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    with open(src, "rb") as stdin, open(out, "ab") as stdout:
+        done = subprocess.run(
+            [sys.executable, "-c", script, tests_dir], stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, timeout=120
+        )
+    assert done.returncode == 0, done.stderr.decode()
+    text = out.read_text().splitlines()
+    assert text[0] == "PRECIOUS"
+    body = [line for line in text[1:] if not line.startswith("@")]
+    assert body == [r.to_string() + f"\tXL:i:{len(r.query_name)}" for r in reads]
+
+
+def test_pg_chains_to_the_end_of_the_chain_not_the_last_line():
+    from bamflow.bam.header import BamHeader
+
+    text = "@HD\tVN:1.6\n@PG\tID:a\tPN:a\n@PG\tID:c\tPN:c\tPP:b\n@PG\tID:b\tPN:b\tPP:a\n"
+    new = BamHeader(text, []).with_program("bamflow x").text.splitlines()[-1].split("\t")
+    assert "ID:bamflow" in new and "PP:c" in new
+
+
+def test_map_reduce_notices_a_function_that_stops_early(tmp_path):
+    from jobfuncs import first_ten_reads
+
+    src = tmp_path / "in.bam"
+    write_bam(src, n=300)
+    with pytest.raises(WorkflowError, match="reads do not add up: 300 dealt to workers, 10 handed to the function"):
+        bf.map_reduce(src, first_ten_reads, workers=1, timeout=60)

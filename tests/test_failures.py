@@ -16,8 +16,10 @@ from jobfuncs import (
     kill_self,
     pass_through,
     raise_after,
+    require_1000_bytes,
     return_unpicklable,
     sleep_forever,
+    write_then_die,
 )
 
 import bamflow as bf
@@ -299,3 +301,17 @@ def test_pipe_budget_exhausted_falls_back_to_smaller_buffers():
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
         subprocess.run(["rm", "-rf", work], check=True)
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_producer_is_blamed_not_the_consumer_it_starved(tmp_path, fifo_dir):
+    for _ in range(5):  # the order in which the supervisor sees the two ends varies
+        w = (
+            Workflow("blame", tmp_dir=fifo_dir)
+            .add_job(output=FIFO("data", "wb"), func=write_then_die, job_name="blame.producer")
+            .add_job(input=FIFO("data", "rb"), func=require_1000_bytes, job_name="blame.consumer")
+        )
+        error, _ = run_expecting_failure(w)
+        assert error.job == "blame.producer" and "killed by SIGKILL" in str(error)
+        assert "blame.consumer" in error.exc_dict  # its error is kept, as a consequence
+    assert_clean(fifo_dir)

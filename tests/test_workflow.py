@@ -400,3 +400,54 @@ def test_cli_is_installed_as_bamflow_cli():
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"bamflow {bf.__version__}\n"
 
+
+
+def test_a_file_read_and_rewritten_in_one_run_is_read_as_it_was(tmp_path, fifo_dir):
+    """The output goes to a temporary name until the end, so rewriting in place is safe."""
+    data = tmp_path / "data.txt"
+    header, body = write_lines(data, 1000, header=())
+    (
+        Workflow("inplace", tmp_dir=fifo_dir)
+        .reader(input=str(data), output=FIFO("input", "wb"))
+        .add_job(input=FIFO("input", "rt"), output=FIFO("upper", "wt"), func=upper_case)
+        .funnel(input=FIFO("upper", "rb"), output=str(data))
+        .run(timeout=60)
+    )
+    assert read(data) == [line.upper() for line in body]
+    assert_clean(fifo_dir, tmp_path)
+
+
+def test_unmanaged_header_fifo_does_not_stall_the_collector(tmp_path, fifo_dir):
+    src = tmp_path / "in.sam"
+    header, body = write_lines(src, 50_000)
+    out = tmp_path / "out.sam"
+    (
+        Workflow("hdr", tmp_dir=fifo_dir)
+        .reader(input=str(src), output=FIFO("input", "wb"))
+        .distribute(
+            input=FIFO("input", "rb"),
+            outputs=FIFO("dist{n}", "wb", n=2),
+            header_prefix="@",
+            header_fifo=FIFO("header", "wb"),
+            manage_fifos=False,
+        )
+        .workers(input=FIFO("dist{n}", "rt"), output=FIFO("out{n}", "wt"), func=pass_through, n=2)
+        .collect(inputs=FIFO("out{n}", "rb", n=2), header_fifo=FIFO("header", "rb"), output=str(out), order="round-robin")
+        .run(timeout=60)
+    )
+    assert read(out) == header + body
+    assert_clean(fifo_dir, tmp_path)
+
+
+def test_results_come_in_job_order(tmp_path, fifo_dir):
+    src = tmp_path / "in.txt"
+    header, body = write_lines(src, 1100, header=())
+    w = (
+        Workflow("order", tmp_dir=fifo_dir)
+        .reader(input=str(src), output=FIFO("input", "wb"))
+        .distribute(input=FIFO("input", "rb"), outputs=FIFO("d{n}", "wb", n=11), chunk_size=1)
+        .workers(input=FIFO("d{n}", "rt"), func=count_lines, n=11)
+        .run(timeout=60)
+    )
+    assert [name for name in w.result_dict if ".worker" in name] == [f"order.worker{i}" for i in range(11)]
+    assert w.results("order.worker*") == [len(body[i::11]) for i in range(11)]

@@ -14,9 +14,10 @@ dropped for a stated reason, or the run fails.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,8 +91,9 @@ def _write_result(out: Any, result: Any) -> int:
     return written
 
 
-def map_worker(input: str, output: str, user_func: Callable[[Any], Any]) -> dict[str, int]:
-    """A worker of :func:`map_reads`: pysam reads its share, ``user_func`` maps each read."""
+def map_worker(input: str, output: str, user_func: Callable[[Any], Any], marked: bool = False) -> dict[str, int]:
+    """A worker of :func:`map_reads`: pysam reads its share, ``user_func`` maps each
+    read; with ``marked``, chunk-end markers are passed on at once."""
     import pysam
 
     reads_in = written = dropped = added = 0
@@ -100,7 +102,7 @@ def map_worker(input: str, output: str, user_func: Callable[[Any], Any]) -> dict
         with pysam.AlignmentFile(output, "wbu", header=reads.header) as out:
             out.flush()  # the header now: a merging collector reads every header first
             for read in reads:
-                if read.query_name == CHUNK_END_NAME:
+                if marked and read.query_name == CHUNK_END_NAME:
                     out.write(read)  # pass the chunk boundary on, now: the collector waits for it
                     out.flush()
                     continue
@@ -115,16 +117,31 @@ def map_worker(input: str, output: str, user_func: Callable[[Any], Any]) -> dict
     return {"reads_in": reads_in, "written": written, "dropped_by_function": dropped, "added": added}
 
 
-def reduce_worker(input: str, output: str | None, user_func: Callable[..., Any]) -> Any:
-    """A worker of :func:`map_reduce`: ``user_func(reads, out)`` sees the whole share."""
+def reduce_worker(input: str, output: str | None, user_func: Callable[..., Any]) -> dict[str, Any]:
+    """A worker of :func:`map_reduce`: ``user_func(reads, out)`` sees the whole
+    share; the reads it was handed are counted, for the books."""
     import pysam
+
+    seen = 0
+    slot = progress.current().slot
+
+    def counted(reads: Iterable[Any]) -> Iterator[Any]:
+        nonlocal seen
+        for read in reads:
+            seen += 1
+            if not seen & 1023:
+                slot[0] = seen
+            yield read
 
     with pysam.AlignmentFile(input, "rb", check_sq=False) as reads:
         if output is None:
-            return user_func(reads, None)
-        with pysam.AlignmentFile(output, "wbu", header=reads.header) as out:
-            out.flush()
-            return user_func(reads, out)
+            result = user_func(counted(reads), None)
+        else:
+            with pysam.AlignmentFile(output, "wbu", header=reads.header) as out:
+                out.flush()
+                result = user_func(counted(reads), out)
+    slot[0] = seen
+    return {"result": result, "reads_in": seen}
 
 
 def _build(
@@ -219,12 +236,14 @@ def map_reads(
     compression. Returns the run's :class:`RunStats`; raises WorkflowError if
     anything failed or the reads do not add up.
     """
+    if missing not in ("error", "drop"):
+        raise ValueError(f"missing must be 'error' or 'drop', not {missing!r}")
     w = _build(
         "map_reads",
         os.fspath(input),
         os.fspath(output),
         map_worker,
-        {"user_func": func},
+        {"user_func": func, "marked": order == "input"},
         by=by,
         workers=workers,
         order=order,
@@ -236,31 +255,35 @@ def map_reads(
         command_line=command_line,
         start_method=start_method,
     )
-    w.run(timeout=timeout, on_progress=on_progress)
-    dist = w.result_dict["map_reads.dist0"]
-    per_worker = w.results("map_reads.worker*")
-    collected = w.result_dict["map_reads.collect0"]["records"]
-    dropped = {
-        "missing_tag": dist["dropped_missing_tag"],
-        "by_function": sum(p["dropped_by_function"] for p in per_worker),
-    }
-    stats = RunStats(
-        reads_in=dist["records"],
-        added=sum(p["added"] for p in per_worker),
-        written=collected,
-        dropped={reason: n for reason, n in dropped.items() if n},
-        per_worker=per_worker,
-        outputs={os.fspath(output): collected},
-    )
-    # stage by stage: dealt out = read by workers; written by workers = collected
-    dealt = dist["records"] - dist["dropped_missing_tag"]
-    if dealt != sum(p["reads_in"] for p in per_worker) or collected != sum(p["written"] for p in per_worker):
-        raise WorkflowError(
-            f"reads do not add up between stages: {dealt} dealt to workers, "
-            f"{sum(p['reads_in'] for p in per_worker)} read by them, {sum(p['written'] for p in per_worker)} "
-            f"written by them, {collected} collected"
-        )
-    stats.check()
+    stats = RunStats()
+
+    def check(w: Workflow) -> None:
+        """The books, before the output appears: every stage passed on what it got."""
+        dist = w.result_dict["map_reads.dist0"]
+        per_worker = w.results("map_reads.worker*")
+        collected = w.result_dict["map_reads.collect0"]["records"]
+        dropped = {
+            "missing_tag": dist["dropped_missing_tag"],
+            "by_function": sum(p["dropped_by_function"] for p in per_worker),
+        }
+        stats.reads_in = dist["records"]
+        stats.added = sum(p["added"] for p in per_worker)
+        stats.written = collected
+        stats.dropped = {reason: n for reason, n in dropped.items() if n}
+        stats.per_worker = per_worker
+        stats.outputs = {os.fspath(output): collected}
+        dealt = dist["records"] - dist["dropped_missing_tag"]
+        read_by_workers = sum(p["reads_in"] for p in per_worker)
+        written_by_workers = sum(p["written"] for p in per_worker)
+        encoded = w.result_dict["map_reads.BAM_writer0"].get("records", collected)  # (SAM output: by pysam)
+        if dealt != read_by_workers or collected != written_by_workers or encoded != collected:
+            raise WorkflowError(
+                f"reads do not add up between stages: {dealt} dealt to workers, {read_by_workers} read by them, "
+                f"{written_by_workers} written by them, {collected} collected, {encoded} written out"
+            )
+        stats.check()
+
+    w.run(timeout=timeout, on_progress=on_progress, check=check)
     log.info("map_reads %s → %s: %s", input, output, stats.as_dict())
     return stats
 
@@ -306,16 +329,27 @@ def map_reduce(
         command_line=command_line,
         start_method=start_method,
     )
-    w.run(timeout=timeout, on_progress=on_progress)
-    dist = w.result_dict["map_reduce.dist0"]
-    results = w.results("map_reduce.worker*")
-    stats = RunStats(reads_in=dist["records"], per_worker=results)
-    for r in results:
-        stats.result = combine(stats.result, r) if stats.result is not None else r
-    if dist["dropped_missing_tag"]:
-        stats.dropped = {"missing_tag": dist["dropped_missing_tag"]}
-    if output is not None:
-        stats.written = w.result_dict["map_reduce.collect0"]["records"]
-        stats.outputs = {os.fspath(output): stats.written}
+    stats = RunStats()
+
+    def check(w: Workflow) -> None:
+        """Every read dealt out reached a worker's function."""
+        dist = w.result_dict["map_reduce.dist0"]
+        per_worker = w.results("map_reduce.worker*")
+        stats.reads_in = dist["records"]
+        stats.per_worker = [p["result"] for p in per_worker]
+        if dist["dropped_missing_tag"]:
+            stats.dropped = {"missing_tag": dist["dropped_missing_tag"]}
+        seen = sum(p["reads_in"] for p in per_worker)
+        if dist["records"] - dist["dropped_missing_tag"] != seen:
+            raise WorkflowError(
+                f"reads do not add up: {dist['records'] - dist['dropped_missing_tag']} dealt to workers, "
+                f"{seen} handed to the function"
+            )
+        if output is not None:
+            stats.written = w.result_dict["map_reduce.collect0"]["records"]
+            stats.outputs = {os.fspath(output): stats.written}
+
+    w.run(timeout=timeout, on_progress=on_progress, check=check)
+    stats.result = functools.reduce(combine, stats.per_worker) if stats.per_worker else None
     log.info("map_reduce %s: %s", input, stats.as_dict())
     return stats

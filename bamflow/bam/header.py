@@ -68,19 +68,23 @@ class BamHeader:
         return cls(text, references), offset
 
     def with_program(self, command_line: str, program: str = "bamflow", version: str | None = None) -> BamHeader:
-        """This header plus one @PG line: a unique ID, PN, VN, CL, and PP naming the
-        previous last @PG (as samtools chains them)."""
+        """This header plus one @PG line: a unique ID, PN, VN, CL, and PP naming
+        the end of the @PG chain (the @PG no other names as its PP; of several
+        such ends, the last in the header)."""
         if version is None:
             from bamflow import __version__ as version
         lines = [line for line in self.text.split("\n") if line]
-        ids = set()
-        last_id = None
+        ids: list[str] = []
+        named_as_previous = set()
         for line in lines:
             if line.startswith("@PG\t"):
                 for field in line.split("\t")[1:]:
                     if field.startswith("ID:"):
-                        ids.add(field[3:])
-                        last_id = field[3:]
+                        ids.append(field[3:])
+                    elif field.startswith("PP:"):
+                        named_as_previous.add(field[3:])
+        chain_ends = [i for i in ids if i not in named_as_previous]
+        last_id = chain_ends[-1] if chain_ends else (ids[-1] if ids else None)
         new_id = program
         suffix = 0
         while new_id in ids:

@@ -123,28 +123,40 @@ def shard(
     if unassigned:
         unassigned_path = os.path.join(out_dir, "unassigned.bam")
         w.BAM_writer(input=FIFO("unassigned", "rb"), output=unassigned_path, level=level, threads=1, command_line=cl)
-    w.run(timeout=timeout, on_progress=on_progress)
+    writers = [f"shard.BAM_writer{i}" for i in range(n + unassigned)]
+    results: list[ShardResult] = []
 
+    def check(w: Workflow) -> None:
+        """The books, before any shard appears: every read the distributor dealt
+        is in its shard (counted by that shard's writer), or dropped."""
+        dist = w.result_dict["shard.dist0"]
+        dealt = list(dist["per_output"]) + ([dist["unassigned"]] if unassigned else [])
+        names_out = names + (["unassigned.bam"] if unassigned else [])
+        written = {name: w.result_dict[job]["records"] for name, job in zip(names_out, writers, strict=True)}
+        if list(written.values()) != dealt:
+            raise WorkflowError(f"reads do not add up: dealt to shards {dealt}, written {list(written.values())}")
+        dropped = {"missing_tag": dist["dropped_missing_tag"]} if dist["dropped_missing_tag"] else {}
+        if dist["records"] != sum(written.values()) + sum(dropped.values()):
+            raise WorkflowError(f"reads do not add up: {dist['records']} in, {written} written, {dropped} dropped")
+        if "values" in dist and sum(dist["values"].values()) != sum(dist["per_output"]):
+            raise WorkflowError("the manifest's read counts do not add up to the reads written to shards")
+        results.append(
+            ShardResult(
+                reads_in=dist["records"],
+                written=written,
+                dropped=dropped,
+                manifest=None,
+                balance=balance_report(dist["per_output"]),
+                job_stats=dict(w.job_stats),
+            )
+        )
+
+    w.run(timeout=timeout, on_progress=on_progress, check=check)
+    result = results[0]
     dist = w.result_dict["shard.dist0"]
-    written = {name: count for name, count in zip(names, dist["per_output"], strict=True)}
-    if unassigned:
-        written["unassigned.bam"] = dist["unassigned"]
-    dropped = {"missing_tag": dist["dropped_missing_tag"]} if dist["dropped_missing_tag"] else {}
-    result = ShardResult(
-        reads_in=dist["records"],
-        written=written,
-        dropped=dropped,
-        manifest=None,
-        balance=balance_report(dist["per_output"]),
-        job_stats=dict(w.job_stats),
-    )
-    if result.reads_in != sum(written.values()) + sum(dropped.values()):
-        raise WorkflowError(f"reads do not add up: {result.reads_in} in, {written} written, {dropped} dropped")
     if "values" in dist:
         result.values = len(dist["values"])
         result.manifest = write_manifest(os.path.join(out_dir, "manifest.tsv"), dist["values"], names)
-        if sum(dist["values"].values()) != sum(dist["per_output"]):
-            raise WorkflowError("the manifest's read counts do not add up to the reads written to shards")
     log.info("shard %s → %s: %s", input, out_dir, result.as_dict())
     return result
 

@@ -16,7 +16,8 @@ from typing import Any
 from .. import progress
 from ..bgzf import DEFAULT_LEVEL, BgzfReader, BgzfWriter, detect_format
 from ..fifo import wait_readable
-from ..files import STDIN_NAMES, fd_of, open_for_reading, write_all
+from ..files import STDIN_NAMES, copy_stream, fd_of, open_for_reading, owned_fd, write_all
+from ..kernels.bam import RecordCounter
 from .header import BamFormatError, BamHeader
 from .header import command_line as process_command_line
 
@@ -38,12 +39,11 @@ def decode_bam(input: str, output: Any, threads: int = 2) -> dict[str, Any]:
         raw = stack.enter_context(io.BufferedReader(progress.CountingReader(source, progress.current()), COPY_BLOCK))
         fmt = detect_format(raw.peek(4)[:4])
         if fmt == "bgzf":
-            reader = stack.enter_context(BgzfReader(raw, threads=threads))
-            total = _copy_checked_header(reader, out_fd, name)
+            total = _copy_checked_header(stack.enter_context(BgzfReader(raw, threads=threads)), out_fd, name)
         elif fmt == "bam-raw":
             total = _copy_checked_header(raw, out_fd, name)
         elif fmt == "sam":
-            total = _sam_to_raw(input, out_fd, threads)
+            total = _sam_to_raw(raw, out_fd, name)
         elif fmt == "empty":
             raise BamFormatError(f"{name}: empty file, not BAM or SAM")
         elif fmt == "gzip":
@@ -53,26 +53,26 @@ def decode_bam(input: str, output: Any, threads: int = 2) -> dict[str, Any]:
         return {"format": fmt, "bytes": total}
 
 
-def _copy_checked_header(stream: Any, out_fd: int, name: str) -> int:
-    """Copy a raw BAM stream, checking that it starts with a complete header."""
+def _read_header(stream: Any, name: str) -> tuple[BamHeader, int, bytes]:
+    """Read from ``stream`` until a whole raw BAM header is in: (header, its
+    length, every byte read so far)."""
     buffer = b""
     while True:
         block = stream.read(COPY_BLOCK)
         buffer += block
         try:
-            BamHeader.from_bytes(buffer, name)
-            break
+            header, length = BamHeader.from_bytes(buffer, name)
+            return header, length, buffer
         except EOFError:
             if not block:
-                raise BamFormatError(f"{name}: file ends inside the BAM header") from None
-    write_all(out_fd, memoryview(buffer))
-    total = len(buffer)
-    while True:
-        block = stream.read(COPY_BLOCK)
-        if not block:
-            return total
-        write_all(out_fd, memoryview(block))
-        total += len(block)
+                raise BamFormatError(f"{name}: ends inside the BAM header") from None
+
+
+def _copy_checked_header(stream: Any, out_fd: int, name: str) -> int:
+    """Copy a raw BAM stream, checking that it starts with a complete header."""
+    _, _, start = _read_header(stream, name)
+    write_all(out_fd, memoryview(start))
+    return len(start) + copy_stream(stream, out_fd)
 
 
 def _run_forked(target: Any) -> tuple[int, int]:
@@ -96,38 +96,53 @@ def _run_forked(target: Any) -> tuple[int, int]:
     return pid, err_read
 
 
-def _join_forked(pid: int, err_read: int, what: str) -> None:
+def _join_forked(pid: int, err_read: int, what: str, failing: bool) -> None:
+    """Reap the child; raise its error unless the caller is already failing
+    (then the caller's error is the cause, the child's a consequence)."""
     with io.FileIO(err_read, "rb") as err:
         message = err.read().decode(errors="replace")
     _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
-    if code:
+    if code and not failing:
         raise BamFormatError(f"{what}: {message or f'helper process ended with status {code}'}")
 
 
-def _sam_to_raw(input: str, out_fd: int, threads: int) -> int:
-    """SAM text → raw BAM: a forked child has pysam parse the SAM and write
-    uncompressed BAM into a pipe; here its BGZF framing is stripped."""
+def _sam_to_raw(source: Any, out_fd: int, name: str) -> int:
+    """SAM text → raw BAM. One forked child feeds the SAM text (what was read
+    already, then the rest) into a pipe; another has pysam parse it and write
+    uncompressed BAM into a second pipe; here its BGZF framing is stripped."""
     import pysam
 
-    read_end, write_end = os.pipe()
+    sam_read, sam_write = os.pipe()
+    bam_read, bam_write = os.pipe()
 
-    def produce() -> None:
-        os.close(read_end)
-        with pysam.AlignmentFile(input if input not in STDIN_NAMES else "-", "r") as sam:
-            with pysam.AlignmentFile(f"/dev/fd/{write_end}", "wbu", header=sam.header) as bam:
+    def feed() -> None:
+        for fd in (sam_read, bam_read, bam_write):
+            os.close(fd)
+        copy_stream(source, sam_write)
+
+    def parse() -> None:
+        for fd in (sam_write, bam_read):
+            os.close(fd)
+        with pysam.AlignmentFile(f"/dev/fd/{sam_read}", "r") as sam:
+            with pysam.AlignmentFile(f"/dev/fd/{bam_write}", "wbu", header=sam.header) as bam:
                 for record in sam:
                     bam.write(record)
 
-    pid, err = _run_forked(produce)
-    os.close(write_end)
-    pipe = io.FileIO(read_end, "rb")
+    feeder = _run_forked(feed)
+    parser = _run_forked(parse)
+    for fd in (sam_read, sam_write, bam_write):
+        os.close(fd)
+    pipe = io.FileIO(bam_read, "rb")
+    failing = True
     try:
         with BgzfReader(pipe, threads=1) as reader:
-            total = _copy_checked_header(reader, out_fd, _source_name(input))
+            total = _copy_checked_header(reader, out_fd, name)
+        failing = False
     finally:
-        pipe.close()  # stops the child if we stopped early
-        _join_forked(pid, err, _source_name(input))
+        pipe.close()  # stops the children if we stopped early
+        _join_forked(*parser, name, failing)
+        _join_forked(*feeder, name, failing)
     return total
 
 
@@ -152,18 +167,9 @@ def encode_bam(
         source = stack.enter_context(
             io.BufferedReader(progress.CountingReader(io.FileIO(in_fd, "rb", closefd=False), progress.current()), COPY_BLOCK)
         )
-        buffer = b""
-        while True:
-            block = source.read(COPY_BLOCK)
-            buffer += block
-            try:
-                header, header_length = BamHeader.from_bytes(buffer, "collected stream")
-                break
-            except EOFError:
-                if not block:
-                    raise BamFormatError("collected stream ends inside the BAM header") from None
+        header, header_length, start = _read_header(source, "collected stream")
         header = header.with_program(command_line if command_line is not None else process_command_line())
-        rest = memoryview(buffer)[header_length:]
+        rest = memoryview(start)[header_length:]
         if fmt == "sam":
             return _raw_to_sam(header, rest, source, out_fd)
         writer = stack.enter_context(
@@ -171,15 +177,20 @@ def encode_bam(
         )
         writer.write(header.to_bytes())
         writer.flush_block()  # records start in a fresh block, as htslib writes them
-        writer.write(rest)
-        total = len(rest)
-        while True:
-            block = source.read(COPY_BLOCK)
-            if not block:
-                break
-            writer.write(block)
-            total += len(block)
-        return {"record_bytes": total}
+        counter = RecordCounter()  # the books: what this writer wrote
+        data: bytes | memoryview = rest
+        total = 0
+        while data:
+            counter.feed(data)
+            writer.write(data)
+            total += len(data)
+            data = source.read(COPY_BLOCK)
+        try:
+            records = counter.finish()
+        except ValueError as e:
+            raise BamFormatError(f"collected stream: {e}") from None
+        progress.current().slot[0] = records
+        return {"records": records, "record_bytes": total}
 
 
 def _raw_to_sam(header: BamHeader, rest: memoryview, source: Any, out_fd: int) -> dict[str, Any]:
@@ -192,24 +203,24 @@ def _raw_to_sam(header: BamHeader, rest: memoryview, source: Any, out_fd: int) -
         os.close(read_end)
         write_all(write_end, memoryview(header.to_bytes()))
         write_all(write_end, rest)
-        while True:
-            block = source.read(COPY_BLOCK)
-            if not block:
-                break
-            write_all(write_end, memoryview(block))
+        copy_stream(source, write_end)
 
-    pid, err = _run_forked(feed)
+    feeder = _run_forked(feed)
     os.close(write_end)
     records = 0
+    failing = True
     try:
-        with pysam.AlignmentFile(f"/dev/fd/{read_end}", "rb", check_sq=False) as bam:
-            with pysam.AlignmentFile(f"/dev/fd/{out_fd}", "w", header=bam.header) as sam:
-                for record in bam:
-                    sam.write(record)
-                    records += 1
+        # a file object, not /dev/fd/N: reopening would truncate a file on stdout
+        with pysam.AlignmentFile(f"/dev/fd/{read_end}", "rb", check_sq=False) as bam, open(
+            out_fd, "wb", closefd=False
+        ) as out, pysam.AlignmentFile(out, "w", header=bam.header) as sam:
+            for record in bam:
+                sam.write(record)
+                records += 1
+        failing = False
     finally:
         os.close(read_end)
-        _join_forked(pid, err, "collected stream")
+        _join_forked(*feeder, "collected stream", failing)
     return {"records": records}
 
 
@@ -232,12 +243,8 @@ def distribute_records(
         in_fd = fd_of(input, False, stack)
         out_fds = [fd_of(o, True, stack) for o in outputs]
         unassigned_fd = -1 if unassigned is None else fd_of(unassigned, True, stack)
-        header_fd = -1
-        if header_fifo is not None:
-            # the kernel owns (and closes, as soon as the header is out) its own descriptor
-            header_fd = os.dup(fd_of(header_fifo, True, stack))
-            if hasattr(header_fifo, "close"):
-                header_fifo.close()
+        # the kernel closes the header's descriptor as soon as the header is out
+        header_fd = -1 if header_fifo is None else owned_fd(header_fifo, writing=True)
         return dict(distribute_bam(
             in_fd,
             out_fds,

@@ -842,3 +842,38 @@ cdef int _collect_in_turn(Source *srcs, Py_ssize_t n_in, pollfd *pfds, Py_ssize_
             continue
         _poll_fill(srcs, n_in, pfds, index, out, cur, -size, 0)
     return 0
+
+
+cdef class RecordCounter:
+    """Counts the records of a raw BAM record stream fed in pieces of any size
+    (after the header), jumping from one block_size to the next."""
+
+    cdef readonly long long records
+    cdef Py_ssize_t skip         # bytes of the current record still to pass
+    cdef uint8_t partial[4]      # block_size bytes seen so far
+    cdef int have
+
+    def feed(self, const unsigned char[:] data not None):
+        cdef Py_ssize_t i = 0, n = data.shape[0], take
+        while i < n:
+            if self.skip:
+                take = self.skip if self.skip < n - i else n - i
+                self.skip -= take
+                i += take
+                continue
+            while self.have < 4 and i < n:
+                self.partial[self.have] = data[i]
+                self.have += 1
+                i += 1
+            if self.have == 4:
+                self.skip = <Py_ssize_t> _u32(self.partial)
+                if self.skip < 32:
+                    raise ValueError(f"record {self.records}: block_size {self.skip} < 32")
+                self.have = 0
+                self.records += 1
+
+    def finish(self) -> int:
+        """The record count; raises ValueError if the stream ended inside a record."""
+        if self.skip or self.have:
+            raise ValueError(f"BAM stream ends inside record {self.records - 1 if self.skip else self.records}")
+        return self.records
