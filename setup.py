@@ -8,6 +8,7 @@ extensions = [
     Extension("bamflow.kernels.lines", ["bamflow/kernels/lines.pyx"]),
     Extension("bamflow.kernels.bam", ["bamflow/kernels/bam.pyx"]),
     Extension("bamflow.kernels.select", ["bamflow/kernels/select.pyx"]),
+    Extension("bamflow.kernels.presets", ["bamflow/kernels/presets.pyx"]),
 ]
 
 setup(
