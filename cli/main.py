@@ -166,7 +166,7 @@ def shard(
     progress: str = PROGRESS,
     debug: bool = DEBUG,
 ) -> None:
-    """Split a BAM into N BAMs, all reads with one tag value (e.g. one cell) in one shard.
+    """Split a BAM into N BAMs; all reads with one tag value (one cell) land in one shard.
 
     Writes OUTPUT/PREFIX_NNN.bam, OUTPUT/unassigned.bam (reads without the tag)
     and OUTPUT/manifest.tsv (value, shard, reads); prints a balance report.
@@ -181,8 +181,16 @@ def shard(
 
     def action(display: ProgressDisplay) -> dict[str, Any]:
         result = shard_bam(
-            input, output, by=by, n=n, missing=missing, threads=threads, level=lvl, prefix=prefix,
-            command_line=_command_line(), on_progress=display,
+            input,
+            output,
+            by=by,
+            n=n,
+            missing=missing,
+            threads=threads,
+            level=lvl,
+            prefix=prefix,
+            command_line=_command_line(),
+            on_progress=display,
         )
         return result.as_dict()
 
@@ -217,7 +225,7 @@ def split(
     progress: str = PROGRESS,
     debug: bool = DEBUG,
 ) -> None:
-    """One BAM per tag value (e.g. per cell) or per group of values, in one pass.
+    """One BAM per tag value (per cell) or per group of values, in one pass.
 
     Any number of outputs with a bounded number of open files and bounded
     memory. File names come from the values, made safe (never outside OUTPUT);
@@ -235,9 +243,19 @@ def split(
 
     def action(display: ProgressDisplay) -> dict[str, Any]:
         return split_reads(
-            input, output, by=by, values=barcodes, groups=groups, min_reads=min_reads, workers=workers,
-            threads=threads, level=lvl, memory_budget=memory << 20, prefix=prefix,
-            command_line=_command_line(), on_progress=display,
+            input,
+            output,
+            by=by,
+            values=barcodes,
+            groups=groups,
+            min_reads=min_reads,
+            workers=workers,
+            threads=threads,
+            level=lvl,
+            memory_budget=memory << 20,
+            prefix=prefix,
+            command_line=_command_line(),
+            on_progress=display,
         )
 
     result = session.run(action)
@@ -273,14 +291,112 @@ def filter(
     def action(display: ProgressDisplay) -> dict[str, Any]:
         return dict(
             filter_reads(
-                input, output, tag=tag, values=barcodes, invert=invert, threads=threads, level=lvl,
-                command_line=_command_line(), on_progress=display,
+                input,
+                output,
+                tag=tag,
+                values=barcodes,
+                invert=invert,
+                threads=threads,
+                level=lvl,
+                command_line=_command_line(),
+                on_progress=display,
             )
         )
 
     result = session.run(action)
     dropped = {"not listed": result["dropped_not_listed"], "missing tag": result["dropped_missing_tag"]}
     session.summary(result["records_in"], {output: result["kept"]}, {k: v for k, v in dropped.items() if v}, result["seconds"])
+
+
+@app.command(name="tag", epilog="Example: bamflow tag --layout 10x-v3 R1.fastq.gz R2.fastq.gz -o unaligned.bam")
+def tag_fastq(
+    read1: str = typer.Argument(..., help="Read 1 FASTQ (barcode and UMI; gzip or plain; - for stdin)."),
+    read2: str = typer.Argument(..., help="Read 2 FASTQ (cDNA)."),
+    output: str = typer.Option(..., "-o", "--output", help="Unaligned BAM to write (- for stdout)."),
+    layout: str = typer.Option(
+        "10x-v3", "--layout", help="10x-v2, 10x-v3, dropseq, visium, slideseq, or CB=r1[0:16],UMI=r1[16:28]."
+    ),
+    sample: str = typer.Option("sample", "--sample", help="Sample name for the read group."),
+    threads: int = THREADS,
+    level: str | None = LEVEL,
+    stats: Path | None = STATS,
+    quiet: bool = QUIET,
+    progress: str = PROGRESS,
+    debug: bool = DEBUG,
+) -> None:
+    """FASTQ pair → unaligned BAM with raw barcode and UMI tags (CR CY UR UY) and a read group."""
+    from bamflow.presets.tag import tag
+
+    session = Session("tag", read1, quiet, debug, progress, stats)
+    if read2 != "-" and not os.path.exists(read2):
+        raise typer.BadParameter(f"'{read2}' does not exist", param_hint="READ2")
+    lvl = _level(level)
+    result = session.run(
+        lambda display: tag(
+            read1, read2, output, layout=layout, sample=sample, threads=threads, level=lvl, command_line=_command_line()
+        )
+    )
+    session.summary(result["reads_in"], {output: result["written"]}, result["dropped"], result["seconds"])
+
+
+@app.command(epilog="Example: bamflow correct --whitelist 3M-february-2018.txt.gz in.bam -o corrected.bam")
+def correct(
+    input: str = typer.Argument(..., help="BAM with raw barcodes (CR, qualities in CY)."),
+    output: str = typer.Option(..., "-o", "--output", help="BAM with corrected barcodes (CB)."),
+    whitelist: Path = typer.Option(..., "--whitelist", help="Barcode whitelist, one per line (gzip ok)."),
+    workers: int = typer.Option(2, "-w", "--workers", min=1, help="Worker processes."),
+    threads: int = THREADS,
+    level: str | None = LEVEL,
+    stats: Path | None = STATS,
+    quiet: bool = QUIET,
+    progress: str = PROGRESS,
+    debug: bool = DEBUG,
+) -> None:
+    """Correct cell barcodes against a whitelist as Cell Ranger does (exact, else 1 mismatch by posterior)."""
+    from bamflow.presets.correct import correct as correct_barcodes
+
+    if not whitelist.is_file():
+        raise typer.BadParameter(f"'{whitelist}' does not exist", param_hint="--whitelist")
+    session = Session("correct", input, quiet, debug, progress, stats)
+    lvl = _level(level)
+    result = session.run(
+        lambda display: correct_barcodes(
+            input, output, whitelist=whitelist, workers=workers, threads=threads, level=lvl, command_line=_command_line()
+        )
+    )
+    session.summary(result["reads_in"], {output: result["written"]}, result["dropped"], result["seconds"])
+
+
+@app.command(epilog="Example: bamflow histogram --tag CB in.bam -o reads_per_cell.txt.gz")
+def histogram(
+    input: str = typer.Argument(..., help="BAM, uncompressed BAM or SAM file; - for stdin."),
+    output: str = typer.Option(..., "-o", "--output", help="count<TAB>value lines (.gz: gzip; - for stdout)."),
+    tag: str = typer.Option("CB", "--tag", help="The tag to count reads of."),
+    read_quality: int | None = typer.Option(None, "--read-quality", min=0, help="Skip reads below this MAPQ."),
+    filter_pcr_duplicates: bool = typer.Option(False, "--filter-pcr-duplicates", help="Skip reads flagged as duplicates."),
+    workers: int = typer.Option(1, "-w", "--workers", min=1, help="Counting processes."),
+    threads: int = THREADS,
+    stats: Path | None = STATS,
+    quiet: bool = QUIET,
+    progress: str = PROGRESS,
+    debug: bool = DEBUG,
+) -> None:
+    """Reads per tag value (Drop-seq BamTagHistogram), secondary alignments skipped."""
+    from bamflow.presets.histogram import histogram as tag_histogram
+
+    session = Session("histogram", input, quiet, debug, progress, stats)
+    result = session.run(
+        lambda display: tag_histogram(
+            input,
+            output,
+            tag=tag,
+            read_quality=read_quality,
+            filter_pcr_duplicates=filter_pcr_duplicates,
+            workers=workers,
+            threads=threads,
+        )
+    )
+    session.summary(result["reads_in"], {output: result["written"]}, result["dropped"], result["seconds"])
 
 
 @app.command(epilog="Example: bamflow run my_module:fix_read --by CB -w 4 in.bam -o out.bam")
@@ -318,8 +434,19 @@ def run(
 
     def action(display: ProgressDisplay) -> dict[str, Any]:
         result = map_reads(
-            input, func, output, by=by, workers=workers, order=order, threads=threads, level=lvl,
-            chunk_size=chunk_size, missing=missing, fmt=fmt, command_line=_command_line(), on_progress=display,
+            input,
+            func,
+            output,
+            by=by,
+            workers=workers,
+            order=order,
+            threads=threads,
+            level=lvl,
+            chunk_size=chunk_size,
+            missing=missing,
+            fmt=fmt,
+            command_line=_command_line(),
+            on_progress=display,
         )
         return result.as_dict()
 

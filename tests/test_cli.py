@@ -213,3 +213,28 @@ def test_split_and_filter_commands(tmp_path, bam):
     assert runner.invoke(app, ["filter", str(src), "-o", str(tmp_path / "x.bam")]).exit_code == 2  # no --barcodes
     bad = runner.invoke(app, ["split", "-o", str(out), "--barcodes", str(listed), "--groups", str(listed), str(src)])
     assert bad.exit_code == 2
+
+
+def test_histogram_and_tag_commands(tmp_path, bam):
+    src, reads = bam
+    out = tmp_path / "hist.txt"
+    result = runner.invoke(app, ["histogram", "--tag", "CB", str(src), "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    rows = [line.split("\t") for line in out.read_text().splitlines() if not line.startswith("#")]
+    counted = {value: int(n) for n, value in rows}
+    assert counted == dict(Counter(r.get_tag("CB") for r in reads if r.has_tag("CB") and not r.is_secondary))
+    assert [int(n) for n, _ in rows] == sorted((int(n) for n, _ in rows), reverse=True)
+
+    r1, r2 = tmp_path / "r1.fq", tmp_path / "r2.fq"
+    with open(r1, "w") as f1, open(r2, "w") as f2:
+        for i in range(200):
+            f1.write(f"@p{i} 1:N\n{'ACGT' * 7}\n+\n{'I' * 28}\n")
+            f2.write(f"@p{i} 2:N\n{'GATTACA' * 10}\n+\n{'F' * 70}\n")
+    ubam = tmp_path / "u.bam"
+    result = runner.invoke(app, ["tag", "--layout", "10x-v3", str(r1), str(r2), "-o", str(ubam), "-q"])
+    assert result.exit_code == 0, result.output
+    with pysam.AlignmentFile(str(ubam), check_sq=False) as f:
+        tagged = list(f)
+    assert [r.query_name for r in tagged] == [f"p{i}" for i in range(200)]
+    assert {(r.get_tag("CR"), r.get_tag("UR")) for r in tagged} == {(("ACGT" * 7)[:16], ("ACGT" * 7)[16:28])}
+    assert runner.invoke(app, ["tag", str(r1), str(tmp_path / "nope.fq"), "-o", str(ubam)]).exit_code == 2
