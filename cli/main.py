@@ -116,8 +116,10 @@ class Session:
                 stats = action(display)
         except WorkflowError as e:
             self._fail(e.summary, str(e))
-        except (ValueError, OSError) as e:
-            self._fail(f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e), None)
+        except ValueError as e:  # raised before any job ran: the arguments are wrong
+            self._fail(str(e), None, status=2)
+        except OSError as e:
+            self._fail(f"{type(e).__name__}: {e}", None)
         except KeyboardInterrupt:
             self.console.print(f"bamflow {self.name}: interrupted", style="bold red", highlight=False)
             raise typer.Exit(130) from None
@@ -126,11 +128,11 @@ class Session:
             self.stats.write_text(json.dumps(stats, indent=2, default=str) + "\n")
         return stats
 
-    def _fail(self, summary: str, details: str | None) -> None:
+    def _fail(self, summary: str, details: str | None, status: int = 1) -> None:
         self.console.print(f"bamflow {self.name}: error: {summary}", style="bold red", highlight=False, soft_wrap=True)
         if self.debug and details:
             self.console.print(details, highlight=False, soft_wrap=True)
-        raise typer.Exit(1)
+        raise typer.Exit(status)
 
     def summary(self, reads_in: int, written: dict[str, int], dropped: dict[str, int], seconds: float) -> None:
         if self.quiet:
@@ -397,6 +399,97 @@ def histogram(
         )
     )
     session.summary(result["reads_in"], {output: result["written"]}, result["dropped"], result["seconds"])
+
+
+METHODS = "unique, percentile, cluster, adjacency or directional (umi_tools' definitions)."
+
+
+@app.command(epilog="Example: bamflow dedup --method directional in.bam -o dedup.bam")
+def dedup(
+    input: str = typer.Argument(..., help="Coordinate-sorted BAM; - for stdin."),
+    output: str = typer.Option(..., "-o", "--output", help="Deduplicated BAM (- for stdout)."),
+    method: str = typer.Option("directional", "--method", help=METHODS),
+    umi: str = typer.Option("tag:UB", "--umi", help="tag:XX, read_name (_UMI suffix) or read_name_cell (_CELL_UMI)."),
+    cell_tag: str = typer.Option("CB", "--cell-tag", help="Cell barcode tag."),
+    per_cell: bool = typer.Option(True, "--per-cell/--not-per-cell", help="Deduplicate within each cell."),
+    gene_tag: str | None = typer.Option(None, "--gene-tag", help="Also group by this gene tag (per gene)."),
+    mark: bool = typer.Option(False, "--mark", help="Flag duplicates (0x400) instead of removing them."),
+    workers: int = typer.Option(2, "-w", "--workers", min=1, help="Worker processes (cells are sharded over them)."),
+    threads: int = THREADS,
+    level: str | None = LEVEL,
+    stats: Path | None = STATS,
+    quiet: bool = QUIET,
+    progress: str = PROGRESS,
+    debug: bool = DEBUG,
+) -> None:
+    """UMI deduplication by alignment position, per cell, as umi_tools dedup does."""
+    from bamflow.presets.dedup import dedup as dedup_reads
+
+    session = Session("dedup", input, quiet, debug, progress, stats)
+    lvl = _level(level)
+    result = session.run(
+        lambda display: dedup_reads(
+            input,
+            output,
+            method=method,
+            umi=umi,
+            cell_tag=cell_tag,
+            per_cell=per_cell,
+            gene_tag=gene_tag,
+            mark=mark,
+            workers=workers,
+            threads=threads,
+            level=lvl,
+            command_line=_command_line(),
+            on_progress=display,
+        )
+    )
+    session.summary(result["reads_in"], {output: result["written"]}, result["dropped"], result["seconds"])
+
+
+@app.command(epilog="Example: bamflow count --gene-tag GX in.bam -o counts/")
+def count(
+    input: str = typer.Argument(..., help="BAM with cell, UMI and gene tags; - for stdin."),
+    output: Path = typer.Option(
+        ..., "-o", "--output", help="Folder: matrix.mtx.gz, barcodes.tsv.gz, features.tsv.gz, counts.tsv, counts.h5ad."
+    ),
+    method: str = typer.Option("directional", "--method", help=METHODS),
+    gene_tag: str = typer.Option("GX", "--gene-tag", help="Gene id tag."),
+    name_tag: str = typer.Option("GN", "--name-tag", help="Gene name tag (features.tsv)."),
+    cell_tag: str = typer.Option("CB", "--cell-tag", help="Cell barcode tag."),
+    umi_tag: str = typer.Option("UB", "--umi-tag", help="UMI tag."),
+    cells: Path | None = typer.Option(None, "--cells", help="Only these cells (one barcode per line)."),
+    min_umis: int | None = typer.Option(None, "--min-umis", min=1, help="Only cells with at least N UMIs."),
+    workers: int = typer.Option(2, "-w", "--workers", min=1, help="Worker processes (cells are sharded over them)."),
+    threads: int = THREADS,
+    stats: Path | None = STATS,
+    quiet: bool = QUIET,
+    progress: str = PROGRESS,
+    debug: bool = DEBUG,
+) -> None:
+    """Gene × cell UMI counts (as umi_tools count --per-gene --per-cell) → 10x MTX folder, TSV, h5ad."""
+    from bamflow.presets.count import count as count_umis
+
+    if cells is not None and not cells.is_file():
+        raise typer.BadParameter(f"'{cells}' does not exist", param_hint="--cells")
+    session = Session("count", input, quiet, debug, progress, stats)
+    result = session.run(
+        lambda display: count_umis(
+            input,
+            output,
+            method=method,
+            gene_tag=gene_tag,
+            name_tag=name_tag,
+            cell_tag=cell_tag,
+            umi_tag=umi_tag,
+            cells=cells,
+            min_umis=min_umis,
+            workers=workers,
+            threads=threads,
+            on_progress=display,
+        )
+    )
+    session.summary(result["reads_in"], {"counted": result.get("counted", 0)}, result.get("dropped", {}), result["seconds"])
 
 
 @app.command(epilog="Example: bamflow run my_module:fix_read --by CB -w 4 in.bam -o out.bam")

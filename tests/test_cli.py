@@ -158,6 +158,8 @@ def test_usage_errors_exit_2(tmp_path, bam):
         ["run", "no_colon", str(src), "-o", str(tmp_path / "o.bam")],
         ["run", "not_a_module_xyz:f", str(src), "-o", str(tmp_path / "o.bam")],
         ["run", "os:f", str(src), "-o", str(tmp_path / "o.bam"), "--order", "sideways"],
+        ["dedup", "--method", "bogus", str(src), "-o", str(tmp_path / "o.bam")],
+        ["shard", "--by", "CBX", "-o", str(tmp_path / "x"), str(src)],
     ]
     for args in cases:
         result = runner.invoke(app, args)
@@ -238,3 +240,18 @@ def test_histogram_and_tag_commands(tmp_path, bam):
     assert [r.query_name for r in tagged] == [f"p{i}" for i in range(200)]
     assert {(r.get_tag("CR"), r.get_tag("UR")) for r in tagged} == {(("ACGT" * 7)[:16], ("ACGT" * 7)[16:28])}
     assert runner.invoke(app, ["tag", str(r1), str(tmp_path / "nope.fq"), "-o", str(ubam)]).exit_code == 2
+
+
+def test_dedup_and_count_commands(tmp_path):
+    src = tmp_path / "in.bam"
+    write_bam(src, n=1500, order="coordinate")
+    out = tmp_path / "dedup.bam"
+    result = runner.invoke(app, ["dedup", str(src), "-o", str(out), "-q", "--stats", str(tmp_path / "d.json")])
+    assert result.exit_code == 0, result.output
+    stats = json.load(open(tmp_path / "d.json"))
+    assert stats["reads_in"] == 1500 and stats["reads_in"] == stats["kept"] + sum(stats["dropped"].values())
+    assert len(read_records(out)[1]) == stats["kept"]
+    counts = tmp_path / "counts"
+    result = runner.invoke(app, ["count", "--gene-tag", "GN", "--name-tag", "GN", str(src), "-o", str(counts), "-q"])
+    assert result.exit_code == 0, result.output
+    assert {"matrix.mtx.gz", "barcodes.tsv.gz", "features.tsv.gz", "counts.tsv"} <= set(os.listdir(counts))

@@ -2,5 +2,7 @@
 
 - :func:`bamflow.presets.tag.tag`: FASTQ pair → unaligned BAM with raw barcode/UMI tags
 - :func:`bamflow.presets.correct.correct`: cell barcode correction against a whitelist
+- :func:`bamflow.presets.dedup.dedup`: UMI deduplication per cell (umi_tools' methods)
+- :func:`bamflow.presets.count.count`: gene × cell UMI counts → MTX, TSV, h5ad
 - :func:`bamflow.presets.histogram.histogram`: reads per tag value (BamTagHistogram)
 """
