@@ -5,6 +5,8 @@ stages with FIFOs; see :mod:`bamflow.workflow` for the data flow.
 """
 
 from .bam.api import RunStats, map_reads, map_reduce
+from .bam.shard import shard
+from .bam.split import filter_reads, split_reads
 from .errors import WorkflowError
 from .fifo import FIFO
 from .files import InputFile, OutputFile
@@ -21,8 +23,11 @@ __all__ = [
     "Workflow",
     "WorkflowError",
     "RunStats",
+    "filter_reads",
     "map_reads",
     "map_reduce",
     "merge_counts",
+    "shard",
+    "split_reads",
     "__version__",
 ]

@@ -51,6 +51,9 @@ DATA_VERSION = 1  # bump when the generator changes: the cache file name has it
 
 N_WORKERS = 2
 
+# --background-load: burns one CPU until its parent (this script) is gone
+BUSY_LOOP = "import os, sys\nparent = int(sys.argv[1])\nwhile os.getppid() == parent:\n    for _ in range(1000000): pass\n"
+
 
 # -- the worker: identical for both systems ------------------------------------
 
@@ -298,6 +301,28 @@ def variant_label(system: str, order: str | None) -> str:
     return system if system == "mrfifo" else f"bamflow ({order})"
 
 
+def bamflow_source() -> str:
+    """Where the runs import bamflow from, with its git commit when that is a checkout."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("bamflow")
+    if spec is None or not spec.submodule_search_locations:
+        return "not found"
+    folder = list(spec.submodule_search_locations)[0]
+    where = folder
+    try:
+        commit = subprocess.run(
+            ["git", "-C", folder, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", folder, "status", "--porcelain", "--", "."], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        where += f" (git {commit}{', with uncommitted changes' if dirty else ''})"
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return where
+
+
 def machine_info() -> dict:
     cpu = "unknown"
     try:
@@ -317,6 +342,7 @@ def machine_info() -> dict:
         except Exception:
             versions[mod] = "?"
     return {
+        "bamflow_source": bamflow_source(),
         "nproc": os.cpu_count(),
         "cpu": cpu,
         "python": platform.python_version(),
@@ -347,6 +373,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default=OUT_DIR, help="where outputs go (deleted after verification)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before one run is killed (FAIL)")
     p.add_argument("--json", help="also write all raw measurements to this file")
+    p.add_argument(
+        "--background-load",
+        type=int,
+        default=0,
+        help="busy-loop processes to keep running during all runs (simulates a shared, busy machine)",
+    )
     # internal: one run of one system
     p.add_argument("--run-one", help=argparse.SUPPRESS)
     p.add_argument("--input", help=argparse.SUPPRESS)
@@ -369,17 +401,10 @@ def main(argv: list[str] | None = None) -> int:
             variants.append(("mrfifo", None))
         else:
             p.error(f"unknown system {system!r}")
-    # interleave: bamflow, mrfifo, bamflow(other order), ...
-    bam = [v for v in variants if v[0] == "bamflow"]
-    mrf = [v for v in variants if v[0] == "mrfifo"]
-    order: list[tuple[str, str | None]] = []
-    for i in range(max(len(bam), 1)):
-        if i < len(bam):
-            order.append(bam[i])
-        if mrf and (i == 0 or len(bam) <= 1):
-            order.append(mrf[0])
-    if not bam:
-        order = mrf
+    # interleave: bamflow (first order), mrfifo, bamflow (other orders)
+    order = [v for v in variants if v[0] == "bamflow"][:1]
+    order += [v for v in variants if v[0] == "mrfifo"]
+    order += [v for v in variants if v[0] == "bamflow"][1:]
 
     info = machine_info()
     input_path = ensure_input(args.lines)
@@ -393,6 +418,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     os.makedirs(args.out_dir, exist_ok=True)
 
+    hogs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(os.getpid())]) for _ in range(args.background_load)]
+    try:
+        runs, warmup_failures = measure(args, order, chunk_sizes, input_path, expected, n_header)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    summarize(args, info, order, chunk_sizes, runs, warmup_failures, expected, n_header, size_mb)
+    return 0 if all(r["ok"] for r in runs) and not warmup_failures else 1
+
+
+def measure(
+    args: argparse.Namespace,
+    order: list[tuple[str, str | None]],
+    chunk_sizes: list[int],
+    input_path: str,
+    expected: dict,
+    n_header: int,
+) -> tuple[list[dict], list[dict]]:
+    """Run every variant, interleaved, warm-up rounds first; returns (runs, failed warm-up runs)."""
     runs: list[dict] = []
     warmup_failures: list[dict] = []
     for rep in range(-args.warmup, args.repeats):
@@ -446,24 +491,44 @@ def main(argv: list[str] | None = None) -> int:
                     runs.append(run)
                 elif not ok:
                     warmup_failures.append(run)
+                tag = "warm-up" if rep < 0 else f"{rep + 1}/{args.repeats}"
                 print(
-                    f"[{'warm-up' if rep < 0 else f'{rep + 1}/{args.repeats}'}] chunk={chunk:<5} {label:<22} wall {run['wall']:6.2f} s"
+                    f"[{tag}] chunk={chunk:<5} {label:<22} wall {run['wall']:6.2f} s"
                     f" (process {m['wall']:6.2f} s)  cpu {m['cpu']:6.2f} s  {'PASS' if ok else 'FAIL: ' + why}",
                     file=sys.stderr,
                     flush=True,
                 )
                 if system == "bamflow" and run["job_cpu"]:
                     print(f"      job cpu s: {run['job_cpu']}", file=sys.stderr, flush=True)
+    return runs, warmup_failures
 
-    # -- summary -------------------------------------------------------------------------
+
+def summarize(
+    args: argparse.Namespace,
+    info: dict,
+    order: list[tuple[str, str | None]],
+    chunk_sizes: list[int],
+    runs: list[dict],
+    warmup_failures: list[dict],
+    expected: dict,
+    n_header: int,
+    size_mb: float,
+) -> None:
+    """Print the Markdown tables (medians, ratios, bamflow's per-job CPU); write --json."""
     n_total = expected["lines"]
     print()
     print("Command: " + " ".join(["python", os.path.relpath(os.path.abspath(__file__))] + sys.argv[1:]))
     print(f"Machine: {info['nproc']} CPUs, {info['cpu']}, Python {info['python']}, Linux {info['kernel']}, {info['date']}")
-    print(f"bamflow {info['versions']['bamflow']}, mrfifo {info['versions']['mrfifo']}")
+    print(f"bamflow {info['versions']['bamflow']} from {info['bamflow_source']}, mrfifo {info['versions']['mrfifo']}")
+    load_end = os.getloadavg()
+    print(
+        f"Load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in info['loadavg'])} at the start,"
+        f" {' '.join(f'{x:.2f}' for x in load_end)} at the end"
+    )
     print(
         f"Input: {n_total:,} lines ({n_header} header lines), {size_mb:.1f} MB plain text;"
         f" {N_WORKERS} workers; medians of {args.repeats} interleaved runs"
+        + (f"; {args.background_load} busy-loop process(es) running alongside" if args.background_load else "")
     )
     print()
     print("| chunk | system | wall s | process wall s | CPU s | lines/s | MB/s | check |")
@@ -484,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
                 f" | {size_mb / wall:.0f} | {check} |"
             )
     print()
-    if any(l == "mrfifo" for _, l in medians) and any(l.startswith("bamflow") for _, l in medians):
+    labels = {label for _, label in medians}
+    if "mrfifo" in labels and any(label.startswith("bamflow") for label in labels):
         print("| chunk | bamflow collect order | mrfifo wall / bamflow wall | mrfifo CPU / bamflow CPU |")
         print("|---:|---|---:|---:|")
         for chunk in chunk_sizes:
@@ -523,7 +589,6 @@ def main(argv: list[str] | None = None) -> int:
                 indent=1,
                 default=repr,
             )
-    return 0 if all(v["ok"] for v in medians.values()) and not warmup_failures else 1
 
 
 def _short(job_name: str) -> str:
