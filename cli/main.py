@@ -492,6 +492,43 @@ def count(
     session.summary(result["reads_in"], {"counted": result.get("counted", 0)}, result.get("dropped", {}), result["seconds"])
 
 
+@app.command(epilog="Example: bamflow qc in.bam -o qc/")
+def qc(
+    input: str = typer.Argument(..., help="BAM with cell, UMI and gene tags; - for stdin."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder: per_cell.tsv, summary.json, knee.svg/png, report.html."),
+    method: str = typer.Option("directional", "--method", help=METHODS),
+    cell_tag: str = typer.Option("CB", "--cell-tag", help="Cell barcode tag."),
+    umi_tag: str = typer.Option("UB", "--umi-tag", help="UMI tag."),
+    gene_tag: str = typer.Option("GX", "--gene-tag", help="Gene tag."),
+    min_umis: int | None = typer.Option(None, "--min-umis", min=0, help="Call cells with at least N UMIs (default: the knee)."),
+    workers: int = typer.Option(2, "-w", "--workers", min=1, help="Worker processes (cells are sharded over them)."),
+    threads: int = THREADS,
+    stats: Path | None = STATS,
+    quiet: bool = QUIET,
+    progress: str = PROGRESS,
+    debug: bool = DEBUG,
+) -> None:
+    """Per-cell QC: reads, UMIs, genes, duplication rate; knee plot and a self-contained HTML report."""
+    from bamflow.presets.qc import qc as run_qc
+
+    session = Session("qc", input, quiet, debug, progress, stats)
+    result = session.run(
+        lambda display: run_qc(
+            input,
+            output,
+            cell_tag=cell_tag,
+            umi_tag=umi_tag,
+            gene_tag=gene_tag,
+            method=method,
+            min_umis=min_umis,
+            workers=workers,
+            threads=threads,
+            on_progress=display,
+        )
+    )
+    session.summary(result["reads_in"], {"counted": result.get("counted", 0)}, result.get("dropped", {}), result["seconds"])
+
+
 @app.command(epilog="Example: bamflow run my_module:fix_read --by CB -w 4 in.bam -o out.bam")
 def run(
     function: str = typer.Argument(..., help="MODULE:FUNC or path/to/file.py:FUNC; FUNC(read) returns the read, None or reads."),

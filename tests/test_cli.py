@@ -255,3 +255,16 @@ def test_dedup_and_count_commands(tmp_path):
     result = runner.invoke(app, ["count", "--gene-tag", "GN", "--name-tag", "GN", str(src), "-o", str(counts), "-q"])
     assert result.exit_code == 0, result.output
     assert {"matrix.mtx.gz", "barcodes.tsv.gz", "features.tsv.gz", "counts.tsv"} <= set(os.listdir(counts))
+
+
+def test_qc_command(tmp_path):
+    src = tmp_path / "in.bam"
+    write_bam(src, n=1200, order="coordinate")
+    out = tmp_path / "qc"
+    result = runner.invoke(app, ["qc", "--gene-tag", "GN", "--min-umis", "5", str(src), "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    summary = json.load(open(out / "summary.json"))
+    assert summary["reads_in"] == 1200
+    rows = [line.split("\t") for line in (out / "per_cell.tsv").read_text().splitlines()[1:]]
+    assert {row[0] for row in rows} == {cb for _, cb in cells_of(src) if cb}
+    assert (out / "report.html").read_text().count("<svg") >= 1

@@ -5,4 +5,5 @@
 - :func:`bamflow.presets.dedup.dedup`: UMI deduplication per cell (umi_tools' methods)
 - :func:`bamflow.presets.count.count`: gene × cell UMI counts → MTX, TSV, h5ad
 - :func:`bamflow.presets.histogram.histogram`: reads per tag value (BamTagHistogram)
+- :func:`bamflow.presets.qc.qc`: per-cell QC, knee plot, HTML report, JSON summary
 """
