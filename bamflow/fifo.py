@@ -30,7 +30,6 @@ from typing import BinaryIO, TextIO
 F_SETPIPE_SZ = 1031
 F_GETPIPE_SZ = 1032
 DEFAULT_PIPE_SIZE = 1 << 20
-MIN_PIPE_SIZE = 1 << 16
 IO_BUFFER_SIZE = 1 << 20
 
 FifoFile = BinaryIO | TextIO
@@ -62,10 +61,6 @@ class FIFO:
     @property
     def is_reader(self) -> bool:
         return self.mode[0] == "r"
-
-    @property
-    def is_binary(self) -> bool:
-        return "b" in self.mode
 
     @property
     def is_collection(self) -> bool:

@@ -43,12 +43,14 @@ class Job:
     manage_fifos: bool = True
 
     def specs(self) -> list[Any]:
-        """Every FIFO / InputFile / OutputFile among the arguments."""
+        """Every FIFO / InputFile / OutputFile among the arguments (in lists too)."""
         found: list[Any] = []
-        for value in (*self.args, *self.kwargs.values()):
-            for item in value if isinstance(value, (list, tuple)) else (value,):
-                if isinstance(item, (FIFO, InputFile, OutputFile)):
-                    found.append(item)
+
+        def collect(spec: Any) -> Any:
+            found.append(spec)
+            return spec
+
+        self.map_args(collect)
         return found
 
     def fifo_ends(self) -> list[tuple[str, bool]]:

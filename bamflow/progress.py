@@ -15,8 +15,9 @@ import mmap
 import os
 from dataclasses import dataclass
 
-FIELDS = ("records", "bytes_in", "bytes_out", "backlog")
-SLOT_WORDS = 8  # room for more fields without changing the layout
+# slot layout: [0] records, [1] bytes read, [2] bytes written, [3] bytes waiting
+# in the input pipe (backlog); the rest is room to grow
+SLOT_WORDS = 8
 SLOT_BYTES = SLOT_WORDS * 8
 
 
@@ -39,15 +40,6 @@ class JobCounters:
         finally:
             os.close(fd)
         return cls(memoryview(mapped)[index * SLOT_BYTES : (index + 1) * SLOT_BYTES].cast("q"))
-
-    def add(self, records: int = 0, bytes_in: int = 0, bytes_out: int = 0) -> None:
-        slot = self.slot
-        slot[0] += records
-        slot[1] += bytes_in
-        slot[2] += bytes_out
-
-    def set_backlog(self, waiting: int) -> None:
-        self.slot[3] = waiting
 
 
 _current = JobCounters.detached()
