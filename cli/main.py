@@ -363,7 +363,14 @@ def correct(
     lvl = _level(level)
     result = session.run(
         lambda display: correct_barcodes(
-            input, output, whitelist=whitelist, workers=workers, threads=threads, level=lvl, command_line=_command_line()
+            input,
+            output,
+            whitelist=whitelist,
+            workers=workers,
+            threads=threads,
+            level=lvl,
+            command_line=_command_line(),
+            on_progress=display,
         )
     )
     session.summary(result["reads_in"], {output: result["written"]}, result["dropped"], result["seconds"])
@@ -396,6 +403,7 @@ def histogram(
             filter_pcr_duplicates=filter_pcr_duplicates,
             workers=workers,
             threads=threads,
+            on_progress=display,
         )
     )
     session.summary(result["reads_in"], {output: result["written"]}, result["dropped"], result["seconds"])

@@ -53,7 +53,7 @@ def decode_bam(input: str, output: Any, threads: int = 2) -> dict[str, Any]:
         return {"format": fmt, "bytes": total}
 
 
-def _read_header(stream: Any, name: str) -> tuple[BamHeader, int, bytes]:
+def read_raw_header(stream: Any, name: str) -> tuple[BamHeader, int, bytes]:
     """Read from ``stream`` until a whole raw BAM header is in: (header, its
     length, every byte read so far)."""
     buffer = b""
@@ -70,7 +70,7 @@ def _read_header(stream: Any, name: str) -> tuple[BamHeader, int, bytes]:
 
 def _copy_checked_header(stream: Any, out_fd: int, name: str) -> int:
     """Copy a raw BAM stream, checking that it starts with a complete header."""
-    _, _, start = _read_header(stream, name)
+    _, _, start = read_raw_header(stream, name)
     write_all(out_fd, memoryview(start))
     return len(start) + copy_stream(stream, out_fd)
 
@@ -167,7 +167,7 @@ def encode_bam(
         source = stack.enter_context(
             io.BufferedReader(progress.CountingReader(io.FileIO(in_fd, "rb", closefd=False), progress.current()), COPY_BLOCK)
         )
-        header, header_length, start = _read_header(source, "collected stream")
+        header, header_length, start = read_raw_header(source, "collected stream")
         header = header.with_program(command_line if command_line is not None else process_command_line())
         rest = memoryview(start)[header_length:]
         if fmt == "sam":

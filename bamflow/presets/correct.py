@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import WorkflowError
@@ -171,6 +172,7 @@ def correct(
     pseudocount: float = 1.0,
     threshold: float = 0.975,
     command_line: str | None = None,
+    on_progress: Callable[[Any], None] | None = None,
 ) -> dict[str, Any]:
     """Correct cell barcodes of ``input`` against ``whitelist`` (a path, or a loaded
     :class:`~bamflow.kernels.presets.Whitelist`) and write ``output`` with ``tag_out``.
@@ -237,5 +239,5 @@ def correct(
                 f"{by_outcome} by outcome {totals}"
             )
 
-    w.run(check=check)
+    w.run(check=check, on_progress=on_progress)
     return stats

@@ -24,10 +24,11 @@ value bytes) → counts merged here.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..bam.header import BamHeader
+from ..bam.stages import read_raw_header
 from ..errors import WorkflowError
 from ..fifo import FIFO
 from ..workflow import Workflow
@@ -38,16 +39,8 @@ COUNT_STATS = ("records", "counted", "duplicate", "low_mapq", "secondary", "supp
 
 def read_header(stream: Any) -> tuple[BamHeader, bytes]:
     """Read the header of a raw BAM stream (a buffered binary file); returns it and the bytes after it."""
-    data = b""
-    while True:
-        try:
-            header, used = BamHeader.from_bytes(data, getattr(stream, "name", "BAM stream"))
-            return header, data[used:]
-        except EOFError:
-            more = stream.read1(READ_SIZE)
-            if not more:
-                raise WorkflowError("BAM stream ended inside its header") from None
-            data += more
+    header, length, data = read_raw_header(stream, str(getattr(stream, "name", "BAM stream")))
+    return header, data[length:]
 
 
 def raw_chunks(stream: Any, rest: bytes) -> Iterator[bytes]:
@@ -101,6 +94,7 @@ def count_values(
     workers: int = 1,
     threads: int = 2,
     name: str = "count_values",
+    on_progress: Callable[[Any], None] | None = None,
 ) -> tuple[dict[bytes, int], dict[str, int]]:
     """Count reads per value of ``tag``: (value → reads, stats with COUNT_STATS keys)."""
     if len(tag) != 2 or not tag.isascii():
@@ -117,7 +111,7 @@ def count_values(
     else:
         w.distribute_bam(input=FIFO("decoded", "rb"), outputs=FIFO("share{n}", "wb", n=workers))
         w.workers(input=FIFO("share{n}", "rb"), func=count_worker, n=workers, **kwargs)
-    w.run()
+    w.run(on_progress=on_progress)
     counts: dict[bytes, int] = {}
     stats = dict.fromkeys(COUNT_STATS, 0)
     for result in w.results(f"{name}.worker*"):
@@ -179,6 +173,7 @@ def histogram(
     header: bool = True,
     workers: int = 2,
     threads: int = 2,
+    on_progress: Callable[[Any], None] | None = None,
 ) -> dict[str, Any]:
     """Write the number of reads per value of ``tag`` (Drop-seq BamTagHistogram format).
 
@@ -193,7 +188,7 @@ def histogram(
     mq = min_mapq if min_mapq is not None else (read_quality if read_quality is not None else 0)
     counts, stats = count_values(
         input, tag, skip_secondary=skip_secondary, skip_duplicates=filter_pcr_duplicates, min_mapq=mq,
-        workers=workers, threads=threads, name="histogram",
+        workers=workers, threads=threads, name="histogram", on_progress=on_progress,
     )
     header_line = None
     if header:
