@@ -161,13 +161,13 @@ def pipe_sizes(input, output):
 
 
 def unmanaged_pipe_size(input):
-    """Open an unmanaged FIFO path plainly; report its buffer size."""
+    """Open an unmanaged FIFO path plainly; report its buffer size once data came
+    (the managed writer grows the pipe right after its open, before writing)."""
     import fcntl
 
     with open(input, "rb") as f:
-        size = fcntl.fcntl(f.fileno(), 1032)
         f.read()
-    return size
+        return fcntl.fcntl(f.fileno(), 1032)
 
 
 # -- per-read functions for bamflow.map_reads / map_reduce ------------------------
