@@ -61,6 +61,7 @@ from .supervisor import Supervisor
 # FIFO specs are immutable: safe as defaults
 READER_OUTPUT = FIFO("input", "wb")
 BAM_READER_OUTPUT = FIFO("input_bam", "wb")
+HEADER_INPUT = FIFO("header", "rb")
 
 
 def merge_counts(a: Any, b: Any) -> Any:
@@ -394,6 +395,25 @@ class Workflow:
         )
 
     bam_writer = BAM_writer
+
+    def collect_and_write_bam(
+        self,
+        inputs: FIFO,
+        output: Any,
+        *,
+        header_fifo: FIFO = HEADER_INPUT,
+        order: str = "any",
+        level: int | str | None = None,
+        threads: int = 2,
+        fmt: str = "bam",
+        command_line: str | None = None,
+    ) -> Workflow:
+        """The usual end of a BAM workflow: :meth:`collect_bam` the workers'
+        outputs (header first), then :meth:`BAM_writer` to ``output``."""
+        self.collect_bam(inputs=inputs, header_fifo=header_fifo, output=FIFO("collected", "wb"), order=order)
+        return self.BAM_writer(
+            input=FIFO("collected", "rb"), output=output, level=level, threads=threads, fmt=fmt, command_line=command_line
+        )
 
     def subworkflow(self, name: str = "subworkflow") -> Workflow:
         """A nested workflow that runs after the jobs declared before it.

@@ -162,7 +162,6 @@ def _build(
     command_line: str | None,
     start_method: str | None,
 ) -> Workflow:
-    from ..bgzf import DEFAULT_LEVEL
 
     if workers < 1:
         raise ValueError(f"workers must be >= 1, not {workers}")
@@ -188,16 +187,11 @@ def _build(
         **worker_kwargs,
     )
     if output is not None:
-        w.collect_bam(
-            inputs=FIFO("mapped{n}", "rb", n=workers),
-            header_fifo=FIFO("header", "rb"),
-            output=FIFO("collected", "wb"),
+        w.collect_and_write_bam(
+            FIFO("mapped{n}", "rb", n=workers),
+            output,
             order=order,
-        )
-        w.BAM_writer(
-            input=FIFO("collected", "rb"),
-            output=output,
-            level=DEFAULT_LEVEL if level is None else level,
+            level=level,
             threads=threads,
             fmt=fmt,
             command_line=command_line or _process_command_line(),

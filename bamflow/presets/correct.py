@@ -182,7 +182,6 @@ def correct(
     whitelist (size), whitelist_seconds, barcodes_seen. Raises WorkflowError
     if the counts do not add up or a job fails; ValueError for a malformed whitelist.
     """
-    from ..bgzf import DEFAULT_LEVEL
     from ..kernels.presets import Whitelist
 
     tin, tq, tout = _check_tag("tag_in", tag_in), _check_tag("qual_tag", qual_tag), _check_tag("tag_out", tag_out)
@@ -208,11 +207,10 @@ def correct(
     )
     w.workers(input=FIFO("share{n}", "rb"), output=FIFO("fixed{n}", "wb"), func=correct_worker, n=workers,
               resolver=resolver, tag_in=tin, qual_tag=tq, tag_out=tout)
-    w.collect_bam(inputs=FIFO("fixed{n}", "rb", n=workers), header_fifo=FIFO("header", "rb"),
-                  output=FIFO("collected", "wb"), order="input")
-    w.BAM_writer(input=FIFO("collected", "rb"), output=os.fspath(output), threads=threads,
-                 level=DEFAULT_LEVEL if level is None else level,
-                 command_line=command_line or f"bamflow correct (Python API) whitelist={_describe(whitelist)}")
+    w.collect_and_write_bam(
+        FIFO("fixed{n}", "rb", n=workers), os.fspath(output), order="input", level=level, threads=threads,
+        command_line=command_line or f"bamflow correct (Python API) whitelist={_describe(whitelist)}",
+    )
     stats: dict[str, Any] = {}
 
     def check(w: Workflow) -> None:

@@ -310,7 +310,6 @@ def build_cell_sharded(
     cell tag go to an unassigned worker that counts why (and passes them on
     to the output when ``pass_unassigned``)."""
     from ..bam.header import command_line as process_command_line
-    from ..bgzf import DEFAULT_LEVEL
 
     if workers < 1:
         raise ValueError(f"workers must be >= 1, not {workers}")
@@ -347,16 +346,11 @@ def build_cell_sharded(
             cell_tag=cell_tag,
         )
     if output is not None:
-        w.collect_bam(
-            inputs=FIFO("mapped{n}", "rb", n=n_out),
-            header_fifo=FIFO("header", "rb"),
-            output=FIFO("collected", "wb"),
+        w.collect_and_write_bam(
+            FIFO("mapped{n}", "rb", n=n_out),
+            output,
             order=order,
-        )
-        w.BAM_writer(
-            input=FIFO("collected", "rb"),
-            output=output,
-            level=DEFAULT_LEVEL if level is None else level,
+            level=level,
             threads=threads,
             command_line=command_line or process_command_line(),
         )
