@@ -1,25 +1,31 @@
 """bamflow: high-throughput BAM/SAM processing over named pipes.
 
-The engine runs each stage of a workflow as an OS process and connects the
-stages with FIFOs; see :mod:`bamflow.workflow` for the data flow.
+Layers (docs/architecture.md): :mod:`bamflow.engine` runs each stage of a
+workflow as an OS process and connects the stages with FIFOs, knowing
+nothing of BAM; :mod:`bamflow.bam` adds the BAM stages and the per-read API;
+:mod:`bamflow.presets` the single-cell workflows; :mod:`bamflow.kernels`
+holds the Cython hot loops. This module is the public face: ``Workflow`` is
+the builder with the BAM stages (:class:`bamflow.bam.workflow.BamWorkflow`).
 """
 
+from . import parts
 from .bam.api import RunStats, map_reads, map_reduce
 from .bam.shard import shard
 from .bam.split import filter_reads, split_reads
-from .errors import WorkflowError
-from .fifo import FIFO
-from .files import InputFile, OutputFile
-from .job import Job
-from .workflow import Workflow, merge_counts
+from .bam.workflow import BamWorkflow
+from .engine import FIFO, InputFile, Job, OutputFile, Publication, WorkflowError, merge_counts
+
+Workflow = BamWorkflow
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FIFO",
+    "BamWorkflow",
     "InputFile",
     "Job",
     "OutputFile",
+    "Publication",
     "Workflow",
     "WorkflowError",
     "RunStats",
@@ -27,6 +33,7 @@ __all__ = [
     "map_reads",
     "map_reduce",
     "merge_counts",
+    "parts",
     "shard",
     "split_reads",
     "__version__",

@@ -623,7 +623,7 @@ def dir_stats_dict(out: str) -> dict:
 
 def stage_bench(inp: str, work: str, repeats: int, log) -> dict:
     """Each stage alone in this process, from files to /dev/null; M records/s."""
-    from bamflow.bgzf import DEFAULT_LEVEL, BgzfReader, BgzfWriter
+    from bamflow.bam.bgzf import DEFAULT_LEVEL, BgzfReader, BgzfWriter
     from bamflow.kernels.bam import collect_bam, distribute_bam
 
     raw = os.path.join(work, "stage_raw.bam")  # raw BAM stream: BAM\1, header, records

@@ -1,4 +1,4 @@
-"""Throughput of bamflow.bgzf (compress and decompress) beside samtools and zlib.
+"""Throughput of bamflow.bam.bgzf (compress and decompress) beside samtools and zlib.
 
 Generates a deterministic, coordinate-sorted, 10x-style SAM (90-bp reads drawn
 from a random reference so overlapping reads share sequence, NovaSeq-binned
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import isal.igzip
 
-from bamflow.bgzf import DEFAULT_LEVEL, FAST_LEVEL, BgzfReader, BgzfWriter
+from bamflow.bam.bgzf import DEFAULT_LEVEL, FAST_LEVEL, BgzfReader, BgzfWriter
 
 _QUALS = "F" * 40 + ":" * 5 + "," * 3 + "#" * 2  # NovaSeq's four binned values
 
@@ -163,12 +163,12 @@ def main() -> None:
             level: int | str = int(level_s) if level_s.isdigit() else level_s
             for threads in args.threads:
                 wall, cpu, size = timed(partial(bgzf_compress, raw, out, level, threads))
-                row("bamflow.bgzf", level_s, threads, "compress", size, wall, cpu)
+                row("bamflow.bam.bgzf", level_s, threads, "compress", size, wall, cpu)
         # Decompression of samtools' own output, so every reader gets the same input.
         for threads in args.threads:
             wall, cpu, n = timed(partial(bgzf_decompress, samtools_bam, threads))
             assert n == len(raw)
-            row("bamflow.bgzf", "", threads, "decompress", None, wall, cpu)
+            row("bamflow.bam.bgzf", "", threads, "decompress", None, wall, cpu)
         # samtools has no raw-BAM input: these rows include its BAM decoding and encoding.
         for threads in args.threads:
             # -@ N: N compressing threads beside the main one, as BgzfWriter(threads=N) beside the caller's.

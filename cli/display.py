@@ -17,7 +17,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from bamflow.progress import JobProgress
+from bamflow.engine.progress import JobProgress
 
 MB = 1 << 20
 LOG_EVERY = 5.0

@@ -173,7 +173,7 @@ def shard(
     Writes OUTPUT/PREFIX_NNN.bam, OUTPUT/unassigned.bam (reads without the tag)
     and OUTPUT/manifest.tsv (value, shard, reads); prints a balance report.
     """
-    from bamflow.bam.shard import MISSING_POLICIES
+    from bamflow.bam.options import MISSING_POLICIES
     from bamflow.bam.shard import shard as shard_bam
 
     if missing not in MISSING_POLICIES:

@@ -42,7 +42,7 @@ def reconstruct(src, out, fifo_dir, order, n=4, start_method=None, chunk_size=7)
             outputs=FIFO("dist{n}", "wb", n=n),
             chunk_size=chunk_size,
             header_fifo=FIFO("header", "wb"),
-            mark_chunks=order == "input",
+            frame_chunks=order == "input",
         )
         .workers(input=FIFO("dist{n}", "rb"), output=FIFO("out{n}", "wb"), func=pass_through, n=n)
         .collect_bam(
@@ -183,7 +183,7 @@ def test_reads_without_the_key(tmp_path):
     with pytest.raises(WorkflowError) as info:
         bf.map_reads(src, tag_with_length, tmp_path / "err.bam", by="CB", order="any")
     first_line = str(info.value).splitlines()[0]
-    assert f"read '{no_cb[0].query_name}' has no CB tag" in first_line
+    assert f"(read '{no_cb[0].query_name}') has no CB tag" in first_line
     assert not (tmp_path / "err.bam").exists()
 
 
@@ -318,5 +318,5 @@ def test_map_reduce_notices_a_function_that_stops_early(tmp_path):
 
     src = tmp_path / "in.bam"
     write_bam(src, n=300)
-    with pytest.raises(WorkflowError, match="reads do not add up: 300 dealt to workers, 10 handed to the function"):
+    with pytest.raises(WorkflowError, match="reads do not add up between stages: 300 reads dealt to the workers, 10 read by them"):
         bf.map_reduce(src, first_ten_reads, workers=1, timeout=60)

@@ -1,4 +1,4 @@
-"""Tests of bamflow.bgzf against independent decoders: gzip, samtools, pysam."""
+"""Tests of bamflow.bam.bgzf against independent decoders: gzip, samtools, pysam."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bamflow.bgzf import (
+from bamflow.bam.bgzf import (
     BLOCK_SIZE,
     DEFAULT_LEVEL,
     EOF_BLOCK,
@@ -69,7 +69,7 @@ def samtools_bam(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def blocks_of(data: bytes) -> list[tuple[int, int]]:
-    """(BSIZE+1, ISIZE) of each block, parsed independently of bamflow.bgzf."""
+    """(BSIZE+1, ISIZE) of each block, parsed independently of bamflow.bam.bgzf."""
     out, pos = [], 0
     while pos < len(data):
         assert data[pos : pos + 4] == b"\x1f\x8b\x08\x04"

@@ -17,7 +17,7 @@ from bamflow.cli.main import app
 from rich.console import Console
 from typer.testing import CliRunner
 
-from bamflow.progress import JobProgress
+from bamflow.engine.progress import JobProgress
 
 runner = CliRunner()
 SAMTOOLS = shutil.which("samtools")

@@ -7,6 +7,7 @@ import tempfile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bamflow.engine.lines import LineCollectOptions, LineDistributeOptions
 from bamflow.kernels.lines import collect_lines, distribute_lines
 
 line_bytes = st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"") + b"\n")
@@ -50,8 +51,18 @@ class Files:
         self.dir.cleanup()
 
 
+BUFFERS = ("buffer_size", "out_buffer_size", "read_ahead", "stall_ms")
+
+
+def split_options(cls, kwargs):
+    """(options, buffer sizes) from the keyword arguments of a test."""
+    options = cls(**{k: v for k, v in kwargs.items() if k not in BUFFERS})
+    return options, {k: v for k, v in kwargs.items() if k in BUFFERS}
+
+
 def run_distribute(data, n, **kwargs):
     """Distribute data into n files (+ a header file); returns (stats, outputs, header)."""
+    options, kwargs = split_options(LineDistributeOptions, kwargs)
     with Files() as files:
         src = files.new(data)
         outs = [files.new() for _ in range(n)]
@@ -60,7 +71,7 @@ def run_distribute(data, n, **kwargs):
         out_fds = [os.open(p, os.O_WRONLY) for p in outs]
         header_fd = os.open(header, os.O_WRONLY)  # the kernel owns and closes it
         try:
-            stats = distribute_lines(in_fd, out_fds, header_fd=header_fd, **kwargs)
+            stats = distribute_lines(in_fd, out_fds, options, header_fd=header_fd, **kwargs)
         finally:
             for fd in [in_fd, *out_fds]:
                 os.close(fd)
@@ -118,7 +129,7 @@ def test_distribution_by_key_field(keys, picks, n, field, buffer_size):
         fields = [b"a%d" % extra] * 3
         fields[field] = key
         lines.append(b"\t".join(fields[: field + 1 + extra % 2]) + b"\n")
-    stats, outs, _ = run_distribute(b"".join(lines), n, key_field=field, buffer_size=buffer_size)
+    stats, outs, _ = run_distribute(b"".join(lines), n, by=field, buffer_size=buffer_size)
     for i in range(n):
         expected = b"".join(line for line in lines if fnv1a64(line[:-1].split(b"\t")[field]) % n == i)
         assert outs[i] == expected
@@ -127,7 +138,7 @@ def test_distribution_by_key_field(keys, picks, n, field, buffer_size):
 
 def test_key_field_missing_hashes_the_empty_key():
     lines = [b"only-one-field\n", b"a\tb\n"]
-    stats, outs, _ = run_distribute(b"".join(lines), 3, key_field=2)
+    stats, outs, _ = run_distribute(b"".join(lines), 3, by=2)
     assert outs[fnv1a64(b"") % 3] == b"".join(lines)
 
 
@@ -139,13 +150,14 @@ def test_header_predicate_sees_text_and_ends_at_first_body_line():
         return line.startswith("#")
 
     data = b"#h1 \xff\n#h2\nbody\n#not header\n"
-    stats, outs, header = run_distribute(data, 2, header_detect=detect)
+    stats, outs, header = run_distribute(data, 2, header_detect_func=detect)
     assert header == b"#h1 \xff\n#h2\n"
     assert seen == ["#h1 \udcff\n", "#h2\n", "body\n"]
     assert outs == [b"body\n", b"#not header\n"]
 
 
 def run_collect(inputs, header=None, **kwargs):
+    options, kwargs = split_options(LineCollectOptions, kwargs)
     with Files() as files:
         in_paths = [files.new(d) for d in inputs]
         out = files.new()
@@ -153,7 +165,7 @@ def run_collect(inputs, header=None, **kwargs):
         header_fd = os.open(files.new(header), os.O_RDONLY) if header is not None else -1
         out_fd = os.open(out, os.O_WRONLY)
         try:
-            stats = collect_lines(in_fds, out_fd, header_fd=header_fd, **kwargs)
+            stats = collect_lines(in_fds, out_fd, options, header_fd=header_fd, **kwargs)
         finally:
             for fd in [*in_fds, out_fd] + ([header_fd] if header_fd >= 0 else []):
                 os.close(fd)

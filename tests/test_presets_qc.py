@@ -327,12 +327,10 @@ def test_missing_input_makes_no_folder(tmp_path):
 
 
 def test_failure_while_writing_leaves_nothing(bam, tmp_path, monkeypatch):
-    def broken(path, *args, **kwargs):
-        with open(path, "wb") as f:
-            f.write(PNG_MAGIC)  # half written, then fails
-        raise OSError("disk full")
+    def broken(*args, **kwargs):
+        raise OSError("disk full")  # after per_cell.tsv and the knee plots were written
 
-    monkeypatch.setattr(qc_mod, "knee_png", broken)
+    monkeypatch.setattr(qc_mod, "report_html", broken)
     with pytest.raises(OSError, match="disk full"):
         qc(bam, tmp_path / "new" / "out", workers=1, threads=1)
     assert _all_files(tmp_path) == []  # the folders it made are gone too
@@ -347,8 +345,8 @@ def test_failure_while_writing_leaves_nothing(bam, tmp_path, monkeypatch):
 def test_books_that_do_not_add_up_raise(bam, tmp_path, monkeypatch):
     real = qc_mod.gather
 
-    def lossy(w):
-        reads_in, merged, per_worker = real(w)
+    def lossy(w, jobs):
+        reads_in, merged, per_worker = real(w, jobs)
         return reads_in + 1, merged, per_worker  # one read more came in than was accounted for
 
     monkeypatch.setattr(qc_mod, "gather", lossy)

@@ -10,6 +10,9 @@ import shlex
 import struct
 import sys
 from dataclasses import dataclass
+from typing import Any
+
+from ..kernels._records import parse_header
 
 BAM_MAGIC = b"BAM\x01"
 
@@ -35,37 +38,37 @@ class BamHeader:
         return b"".join(parts)
 
     @classmethod
-    def from_bytes(cls, data: bytes | memoryview, source: str = "BAM stream") -> tuple[BamHeader, int]:
-        """Parse a raw BAM header at the start of ``data``; returns it and its length.
+    def from_bytes(cls, data: bytes | bytearray | memoryview, source: str = "BAM stream") -> tuple[BamHeader, int]:
+        """Parse a raw BAM header at the start of ``data`` (the kernels' one
+        header parser); returns it and its length.
 
         Raises BamFormatError (not BAM) or EOFError (``data`` ends inside the header).
         """
-        view = memoryview(data)
-        if len(view) < 4:
-            raise EOFError
-        if bytes(view[:4]) != BAM_MAGIC:
-            raise BamFormatError(f"{source}: not a BAM stream (starts with {bytes(view[:4])!r})")
-        offset = 4
-        (l_text,) = _unpack("<i", view, offset)
-        if l_text < 0:
-            raise BamFormatError(f"{source}: corrupt BAM header (negative text length)")
-        offset += 4
-        text = bytes(_take(view, offset, l_text)).rstrip(b"\x00").decode("utf-8", "surrogateescape")
-        offset += l_text
-        (n_ref,) = _unpack("<i", view, offset)
-        if n_ref < 0:
-            raise BamFormatError(f"{source}: corrupt BAM header (negative reference count)")
-        offset += 4
-        references = []
-        for _ in range(n_ref):
-            (l_name,) = _unpack("<i", view, offset)
-            if l_name <= 0:
-                raise BamFormatError(f"{source}: corrupt BAM header (reference name length {l_name})")
-            name = bytes(_take(view, offset + 4, l_name)).rstrip(b"\x00").decode()
-            (length,) = _unpack("<i", view, offset + 4 + l_name)
-            references.append((name, length))
-            offset += 8 + l_name
-        return cls(text, references), offset
+        try:
+            length, text, refs = parse_header(memoryview(data).cast("B") if not isinstance(data, bytes) else data,
+                                              f"{source}: ")
+        except EOFError:
+            raise
+        except ValueError as e:
+            raise BamFormatError(str(e)) from None
+        references = [(name.decode("utf-8", "surrogateescape"), ref_length) for name, ref_length in refs]
+        return cls(text.rstrip(b"\x00").decode("utf-8", "surrogateescape"), references), length
+
+    @classmethod
+    def from_pysam(cls, header: Any) -> BamHeader:
+        """The header of a pysam ``AlignmentHeader`` (or an AlignmentFile's)."""
+        return cls(str(header), list(zip(header.references, header.lengths, strict=True)))
+
+    @property
+    def sort_order(self) -> str | None:
+        """@HD SO (``coordinate``, ``queryname``, ``unsorted``, ``unknown``), or None."""
+        for line in self.text.split("\n"):
+            if line.startswith("@HD\t"):
+                for field in line.split("\t")[1:]:
+                    if field.startswith("SO:"):
+                        return field[3:]
+                return None
+        return None
 
     def with_program(self, command_line: str, program: str = "bamflow", version: str | None = None) -> BamHeader:
         """This header plus one @PG line: a unique ID, PN, VN, CL, and PP naming
@@ -100,17 +103,44 @@ class BamHeader:
         return BamHeader("\n".join(lines) + "\n", list(self.references))
 
 
-def _unpack(fmt: str, view: memoryview, offset: int) -> tuple:
-    size = struct.calcsize(fmt)
-    return struct.unpack(fmt, _take(view, offset, size))
-
-
-def _take(view: memoryview, offset: int, size: int) -> memoryview:
-    if offset + size > len(view):
-        raise EOFError
-    return view[offset : offset + size]
-
-
 def command_line() -> str:
     """How this process was started, for @PG CL (shell-quoted)."""
     return " ".join(shlex.quote(arg) for arg in [sys.argv[0].rsplit("/", 1)[-1], *sys.argv[1:]])
+
+
+def read_file_header(path: str) -> BamHeader | None:
+    """The header of a BAM, uncompressed BAM or SAM file, read without pysam
+    (so a bad file gives one clear BamFormatError); None for stdin, which
+    cannot be read twice."""
+    from .bgzf import BgzfReader, detect_format
+
+    if path in ("-", "/dev/stdin"):
+        return None
+    with open(path, "rb") as f:
+        fmt = detect_format(f.read(512))
+        f.seek(0)
+        if fmt == "sam":
+            lines = []
+            for line in f:
+                if not line.startswith(b"@"):
+                    break
+                lines.append(line.decode("utf-8", "surrogateescape"))
+            text = "".join(lines)
+            refs = []
+            for line in lines:
+                if line.startswith("@SQ\t"):
+                    fields = dict(field.split(":", 1) for field in line.rstrip("\n").split("\t")[1:] if ":" in field)
+                    refs.append((fields.get("SN", ""), int(fields.get("LN", "0") or 0)))
+            return BamHeader(text, refs)
+        if fmt not in ("bgzf", "bam-raw"):
+            raise BamFormatError(f"{path}: not a BAM or SAM file")
+        stream = BgzfReader(f, threads=0) if fmt == "bgzf" else f
+        data = b""
+        while True:
+            block = stream.read1(1 << 16) if fmt == "bgzf" else stream.read(1 << 16)
+            data += block
+            try:
+                return BamHeader.from_bytes(data, path)[0]
+            except EOFError:
+                if not block:
+                    raise BamFormatError(f"{path}: ends inside the BAM header") from None

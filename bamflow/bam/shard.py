@@ -18,15 +18,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import WorkflowError
-from ..fifo import FIFO
-from ..workflow import Workflow
-from .api import _key_tags
+from ..engine.errors import WorkflowError
+from ..engine.fifo import FIFO
+from ..engine.publish import Publication
+from ..kernels._records import stable_hash
 from .header import command_line as process_command_line
+from .options import DecodeOptions, DistributeOptions, EncodeOptions, parse_key
+from .stages import source_name
+from .workflow import BamWorkflow
 
 log = logging.getLogger("bamflow")
 
-MISSING_POLICIES = ("unassigned", "drop", "error")
 
 
 @dataclass
@@ -96,43 +98,42 @@ def shard(
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, not {n}")
-    if missing not in MISSING_POLICIES:
-        raise ValueError(f"missing must be one of {', '.join(MISSING_POLICIES)}, not {missing!r}")
-    key = _key_tags(by)
+    key = parse_key(by)
     if key is None:
         raise ValueError("shard needs by= a tag (e.g. 'CB'), tags ('CB,UB') or 'name'")
+    by_tags = isinstance(key, tuple)
+    distribute = DistributeOptions(by=key, missing=missing if by_tags else "error", count_values=by_tags and manifest)
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    cl = command_line or process_command_line()
-    by_tags = key != "name"
-    unassigned = by_tags and missing == "unassigned"
-    names = [shard_file_name(prefix, i, n) for i in range(n)]
+    encode = EncodeOptions(
+        **({} if level is None else {"level": level}), threads=1, command_line=command_line or process_command_line()
+    )
+    unassigned = distribute.by_tags and missing == "unassigned"
+    names = [shard_file_name(prefix, i, n) for i in range(n)] + (["unassigned.bam"] if unassigned else [])
 
-    w = Workflow("shard")
-    w.BAM_reader(input=os.fspath(input), output=FIFO("decoded", "wb"), threads=threads)
+    w = BamWorkflow("shard")
+    w.BAM_reader(input=os.fspath(input), output=FIFO("decoded", "wb"), options=DecodeOptions(threads))
     w.distribute_bam(
         input=FIFO("decoded", "rb"),
         outputs=FIFO("shard{n}", "wb", n=n),
-        by=key,
-        missing=missing if by_tags else "error",
         unassigned=FIFO("unassigned", "wb") if unassigned else None,
-        count_values=by_tags and manifest,
+        options=distribute,
+        source=source_name(os.fspath(input)),
     )
+    distributor = w.last[0]
+    writers = []
     for i, name in enumerate(names):
-        w.BAM_writer(input=FIFO(f"shard{i}", "rb"), output=os.path.join(out_dir, name), level=level, threads=1, command_line=cl)
-    if unassigned:
-        unassigned_path = os.path.join(out_dir, "unassigned.bam")
-        w.BAM_writer(input=FIFO("unassigned", "rb"), output=unassigned_path, level=level, threads=1, command_line=cl)
-    writers = [f"shard.BAM_writer{i}" for i in range(n + unassigned)]
+        fifo = FIFO("unassigned" if i == n else f"shard{i}", "rb")
+        w.BAM_writer(input=fifo, output=os.path.join(out_dir, name), options=encode)
+        writers.append(w.last[0])
     results: list[ShardResult] = []
 
-    def check(w: Workflow) -> None:
+    def check(w: BamWorkflow) -> None:
         """The books, before any shard appears: every read the distributor dealt
         is in its shard (counted by that shard's writer), or dropped."""
-        dist = w.result_dict["shard.dist0"]
+        dist = w.result(distributor)
         dealt = list(dist["per_output"]) + ([dist["unassigned"]] if unassigned else [])
-        names_out = names + (["unassigned.bam"] if unassigned else [])
-        written = {name: w.result_dict[job]["records"] for name, job in zip(names_out, writers, strict=True)}
+        written = {name: r["records"] for name, r in zip(names, w.result(writers), strict=True)}
         if list(written.values()) != dealt:
             raise WorkflowError(f"reads do not add up: dealt to shards {dealt}, written {list(written.values())}")
         dropped = {"missing_tag": dist["dropped_missing_tag"]} if dist["dropped_missing_tag"] else {}
@@ -151,25 +152,19 @@ def shard(
             )
         )
 
-    w.run(timeout=timeout, on_progress=on_progress, check=check)
-    result = results[0]
-    dist = w.result_dict["shard.dist0"]
-    if "values" in dist:
-        result.values = len(dist["values"])
-        result.manifest = write_manifest(os.path.join(out_dir, "manifest.tsv"), dist["values"], names)
+    with Publication() as pub:
+        w.run(timeout=timeout, on_progress=on_progress, check=check, publication=pub)
+        result = results[0]
+        dist = w.result(distributor)
+        if "values" in dist:
+            result.values = len(dist["values"])
+            result.manifest = write_manifest(pub, os.path.join(out_dir, "manifest.tsv"), dist["values"], names[:n])
+        pub.commit()
     log.info("shard %s → %s: %s", input, out_dir, result.as_dict())
     return result
 
 
-def write_manifest(path: str, values: dict[bytes, int], shard_names: list[str]) -> str:
-    """value, shard file and reads per key value (TSV, sorted by value); atomic."""
-    from ..kernels.bam import stable_hash
-
-    temp = f"{path}.bamflow-tmp"
-    with open(temp, "w", encoding="utf-8", errors="surrogateescape") as f:
-        f.write("value\tshard\treads\n")
-        for value in sorted(values):
-            text = value.decode("utf-8", "surrogateescape").replace("\t", "\\t").replace("\n", "\\n")
-            f.write(f"{text}\t{shard_names[stable_hash(value) % len(shard_names)]}\t{values[value]}\n")
-    os.replace(temp, path)
-    return path
+def write_manifest(pub: Publication, path: str, values: dict[bytes, int], shard_names: list[str]) -> str:
+    """value, shard file and reads per key value (TSV, sorted by value), published with the shards."""
+    rows = ((value, shard_names[stable_hash(value) % len(shard_names)], values[value]) for value in sorted(values))
+    return pub.write_tsv(path, ("value", "shard", "reads"), rows)

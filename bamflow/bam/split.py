@@ -46,13 +46,18 @@ from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from typing import Any
 
-from ..bgzf import BLOCK_SIZE, DEFAULT_LEVEL, EOF_BLOCK, compress_block
-from ..errors import WorkflowError
-from ..fifo import FIFO
-from ..files import fd_of, write_all
-from ..workflow import Workflow
+from ..engine import progress
+from ..engine.errors import WorkflowError
+from ..engine.fifo import FIFO
+from ..engine.files import fd_of, write_all
+from ..engine.publish import Publication
+from ..kernels._records import ValueTable
+from .bgzf import BLOCK_SIZE, EOF_BLOCK, compress_block
 from .header import BamHeader
 from .header import command_line as _process_command_line
+from .options import DEFAULT_LEVEL, DecodeOptions, DistributeOptions, EncodeOptions, check_level, parse_tags
+from .stages import source_name
+from .workflow import BamWorkflow
 
 log = logging.getLogger("bamflow")
 
@@ -63,16 +68,6 @@ _UNSAFE = re.compile(rb"[^A-Za-z0-9_.-]")
 
 
 # -- values, keys and names ------------------------------------------------------------
-
-
-def _tags(by: str | Iterable[str]) -> list[str]:
-    tags = by.split(",") if isinstance(by, str) else list(by)
-    for tag in tags:
-        if not isinstance(tag, str) or len(tag) != 2 or not tag.isascii():
-            raise ValueError(f"a BAM tag has two characters, not {tag!r}")
-    if not tags:
-        raise ValueError("need at least one tag")
-    return tags
 
 
 def _key(value: Any) -> bytes:
@@ -103,7 +98,7 @@ def _read_text_file(path: Any) -> bytes:
 
 
 def values_blob(values: Any, n_tags: int) -> tuple[bytes, bool]:
-    """(blob, from_file): values as one ``\\n``-separated blob for ValueSet.add_values.
+    """(blob, from_file): values as one ``\\n``-separated blob for ValueTable.add_values.
 
     From a file: one value per line (``\\r\\n`` is fine, empty lines are
     skipped); with several tags, the values of one key are TAB-separated.
@@ -121,10 +116,8 @@ def values_blob(values: Any, n_tags: int) -> tuple[bytes, bool]:
     return b"".join(k + b"\n" for k in keys), False
 
 
-def _load(blob: bytes, from_file: bool, out: int = -1) -> Any:
-    from ..kernels.select import ValueSet
-
-    vs = ValueSet()
+def _load(blob: bytes, from_file: bool, out: int = -1) -> ValueTable:
+    vs = ValueTable()
     if from_file:
         vs.add_values(blob, b"\n", out)
     else:
@@ -150,16 +143,6 @@ def safe_name(raw: bytes, prefix: str = "") -> str:
     return text + ".bam"
 
 
-def escape_value(raw: bytes) -> str:
-    """A value for the manifest: backslash escapes for ``\\ \\t \\n \\r`` and NUL
-    (``\\0``: what joins the values of several tags); other bytes as UTF-8
-    (undecodable bytes as ``\\xNN``)."""
-    text = raw.decode("utf-8", "backslashreplace") if b"\\" not in raw else None
-    if text is None:
-        text = raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
-    return text.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r").replace("\0", "\\0")
-
-
 def _bgzf_blocks(data: bytes, level: Any) -> bytes:
     return b"".join(compress_block(data[i : i + BLOCK_SIZE], level) for i in range(0, len(data), BLOCK_SIZE))
 
@@ -176,25 +159,28 @@ def _append(path: str, *pieces: bytes) -> None:
 # -- job functions -----------------------------------------------------------------------
 
 
-def filter_job(input: Any, output: Any, *, blob: bytes, from_file: bool, tag: str, invert: bool) -> dict[str, int]:
+def filter_job(
+    input: Any, output: Any, *, blob: bytes, from_file: bool, tags: tuple[str, ...], invert: bool, source: str = ""
+) -> dict[str, Any]:
     """Filter a raw BAM stream by tag value (see :func:`filter_reads`)."""
-    from ..kernels.select import filter_records
+    from ..kernels.select import Filter
 
     vs = _load(blob, from_file)
     with ExitStack() as stack:
         in_fd = fd_of(input, False, stack)
         out_fd = fd_of(output, True, stack)
-        stats = filter_records(in_fd, out_fd, vs, tag, invert)
+        stats = Filter(in_fd, out_fd, vs, tags, invert, source=f"{source}: " if source else "",
+                       progress=progress.current().slot).run()
     stats["values"] = len(vs)
     return stats
 
 
 def split_job(
-    input: Any,
+    input: str,
+    output: None,
     *,
-    worker: int,
     tmp_dir: str,
-    tag: str,
+    tags: tuple[str, ...],
     selection: tuple[bytes, bool] | None,
     groups: list[tuple[str, bytes]] | None,
     prefix: str,
@@ -206,12 +192,12 @@ def split_job(
 ) -> dict[str, Any]:
     """One split worker: group its share of the reads by value and append them
     to part files in ``tmp_dir`` (see :func:`split_reads`)."""
-    from ..kernels.select import ValueSet, split_records
+    from ..kernels.select import Splitter
 
     selected = None
     labels: list[bytes] | None = None
     if groups is not None:
-        selected = ValueSet()
+        selected = ValueTable()
         for number, (_, blob) in enumerate(groups):
             selected.add_values(blob, b"\n", number, strip_cr=False, skip_empty=False)
         labels = [name.encode("utf-8", "surrogateescape") for name, _ in groups]
@@ -219,6 +205,7 @@ def split_job(
         selected = _load(*selection)
     header_block: list[bytes] = []
     paths: dict[int, str] = {}
+    part = secrets.token_hex(4)
 
     def on_header(raw: bytes) -> None:
         header, _ = BamHeader.from_bytes(raw, "split input")
@@ -236,15 +223,15 @@ def split_job(
         path = paths.get(out)
         pieces = [_bgzf_blocks(data, level)]
         if path is None:
-            path = paths[out] = os.path.join(tmp_dir, f"{safe_name(label_of(out, key), prefix)}.w{worker}")
+            path = paths[out] = os.path.join(tmp_dir, f"{safe_name(label_of(out, key), prefix)}.{part}")
             pieces.insert(0, header_block[0])
         _append(path, *pieces)
 
     with ExitStack() as stack:
         in_fd = fd_of(input, False, stack)
-        stats = split_records(
+        stats = Splitter(
             in_fd,
-            tag,
+            tags,
             on_flush,
             on_header,
             selected,
@@ -252,13 +239,16 @@ def split_job(
             memory_budget=memory_budget,
             min_reads=min_reads,
             drop_below=groups is None,  # a group's reads may be spread over workers
-        )
+            progress=progress.current().slot,
+        ).run()
     outputs = []
     for out, key, reads, flushed in stats.pop("outputs"):
         label = label_of(out, key)
         outputs.append((label, safe_name(label, prefix), reads, os.path.basename(paths[out]) if flushed else None))
     stats["outputs"] = outputs
     stats["header_bytes"] = len(header_block[0]) if header_block else 0
+    stats["reads_in"] = stats["records"]
+    stats["written"] = None
     return stats
 
 
@@ -290,10 +280,14 @@ def filter_reads(
     Returns {"records_in", "kept", "dropped_not_listed", "dropped_missing_tag",
     "values"}; raises WorkflowError if a job failed or the reads do not add up.
     """
-    tags = _tags(tag)
+    tags = parse_tags(tag)
     blob, from_file = values_blob(values, len(tags))
-    w = Workflow("filter_reads", start_method=start_method)
-    w.BAM_reader(input=os.fspath(input), output=FIFO("decoded", "wb"), threads=threads)
+    encode = EncodeOptions(
+        **({} if level is None else {"level": level}), threads=threads,
+        command_line=command_line or _process_command_line(),
+    )
+    w = BamWorkflow("filter_reads", start_method=start_method)
+    w.BAM_reader(input=os.fspath(input), output=FIFO("decoded", "wb"), options=DecodeOptions(threads))
     w.add_job(
         func=filter_job,
         job_name="{workflow}.filter{n}",
@@ -301,20 +295,25 @@ def filter_reads(
         output=FIFO("kept", "wb"),
         blob=blob,
         from_file=from_file,
-        tag=",".join(tags),
+        tags=tags,
         invert=invert,
+        source=source_name(os.fspath(input)),
     )
-    w.BAM_writer(
-        input=FIFO("kept", "rb"),
-        output=os.fspath(output),
-        level=DEFAULT_LEVEL if level is None else level,
-        threads=threads,
-        command_line=command_line or _process_command_line(),
-    )
-    w.run(timeout=timeout, on_progress=on_progress)
-    stats = dict(w.result_dict["filter_reads.filter0"])
-    if stats["records_in"] != stats["kept"] + stats["dropped_not_listed"] + stats["dropped_missing_tag"]:
-        raise WorkflowError(f"filter_reads: reads do not add up: {stats}")
+    selector = w.last[0]
+    w.BAM_writer(input=FIFO("kept", "rb"), output=os.fspath(output), options=encode)
+    writer = w.last[0]
+    stats: dict[str, Any] = {}
+
+    def check(w: BamWorkflow) -> None:
+        """The books, before the output appears."""
+        stats.update(w.result(selector))
+        stats.pop("tags_seen", None)
+        if stats["records_in"] != stats["kept"] + stats["dropped_not_listed"] + stats["dropped_missing_tag"]:
+            raise WorkflowError(f"filter_reads: reads do not add up: {stats}")
+        if w.result(writer)["records"] != stats["kept"]:
+            raise WorkflowError(f"filter_reads: {stats['kept']} reads kept, {w.result(writer)['records']} written")
+
+    w.run(timeout=timeout, on_progress=on_progress, check=check)
     log.info("filter_reads %s → %s: %s", input, output, stats)
     return stats
 
@@ -378,13 +377,12 @@ def split_reads(
     "not_selected", "below_min_reads"}, "manifest"}; raises WorkflowError if a
     job failed or the reads do not add up (and then leaves no output behind).
     """
-    tags = _tags(by)
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, not {workers}")
+    tags = parse_tags(by)
     if values is not None and groups is not None:
         raise ValueError("give values or groups, not both")
     if "/" in prefix or "\0" in prefix or prefix.startswith("."):
         raise ValueError(f"prefix must not contain '/' or NUL nor start with '.': {prefix!r}")
+    level = check_level(DEFAULT_LEVEL if level is None else level)
     min_reads = int(min_reads or 0)
     selection = values_blob(values, len(tags)) if values is not None else None
     group_list = _read_groups(groups, len(tags)) if groups is not None else None
@@ -392,62 +390,48 @@ def split_reads(
     os.makedirs(out_dir, exist_ok=True)
     tmp_dir = os.path.join(out_dir, f".bamflow-split-{secrets.token_hex(6)}")
     os.mkdir(tmp_dir, 0o700)
-    moved: list[str] = []
+    stats: dict[str, Any] = {}
     try:
-        w = Workflow("split_reads", start_method=start_method)
-        w.BAM_reader(input=os.fspath(input), output=FIFO("decoded", "wb"), threads=max(1, threads))
-        w.distribute_bam(
-            input=FIFO("decoded", "rb"),
-            outputs=FIFO("share{n}", "wb", n=workers),
-            by=[t.encode() for t in tags],
-            missing="drop",
-        )
-        for i in range(workers):
-            w.add_job(
-                func=split_job,
-                job_name="{workflow}.worker{n}",
-                input=FIFO(f"share{i}", "rb"),
-                worker=i,
+        w = BamWorkflow("split_reads", start_method=start_method)
+        jobs = w.scatter(
+            os.fspath(input),
+            split_job,
+            workers=workers,
+            distribute=DistributeOptions(by=tags, missing="drop"),
+            decode=DecodeOptions(max(1, threads)),
+            worker_kwargs=dict(
                 tmp_dir=tmp_dir,
-                tag=",".join(tags),
+                tags=tags,
                 selection=selection,
                 groups=group_list,
                 prefix=prefix,
                 flush_size=FLUSH_SIZE,
                 memory_budget=max(1 << 16, memory_budget // workers),
                 min_reads=min_reads,
-                level=DEFAULT_LEVEL if level is None else level,
+                level=level,
                 command_line=command_line or _process_command_line(),
-            )
-        w.run(timeout=timeout, on_progress=on_progress)
-        dist = w.result_dict["split_reads.dist0"]
-        per_worker = w.results("split_reads.worker*")
-        stats = _finish(tmp_dir, out_dir, per_worker, min_reads, moved)
-        stats["records_in"] = dist["records"]
-        stats["dropped"]["missing_tag"] = dist["dropped_missing_tag"] + sum(p["missing_tag"] for p in per_worker)
-        stats["dropped"]["not_selected"] = sum(p["not_selected"] for p in per_worker)
-        dealt = dist["records"] - dist["dropped_missing_tag"]
-        if dealt != sum(p["records"] for p in per_worker):
-            read_by_workers = sum(p["records"] for p in per_worker)
-            raise WorkflowError(f"split_reads: {dealt} reads dealt to workers, {read_by_workers} read by them")
-        if stats["records_in"] != stats["written"] + sum(stats["dropped"].values()):
-            raise WorkflowError(f"split_reads: reads do not add up: {stats}")
-    except BaseException:
-        for path in moved:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        raise
+            ),
+        )
+        with Publication() as pub:
+            w.run(timeout=timeout, on_progress=on_progress, check=jobs.check_flow, publication=pub)
+            dist = w.result(jobs.distributor)
+            per_worker = w.result(jobs.workers)
+            stats = _finish(pub, tmp_dir, out_dir, per_worker, min_reads)
+            stats["records_in"] = dist["records"]
+            stats["dropped"]["missing_tag"] = dist["dropped_missing_tag"] + sum(p["missing_tag"] for p in per_worker)
+            stats["dropped"]["not_selected"] = sum(p["not_selected"] for p in per_worker)
+            if stats["records_in"] != stats["written"] + sum(stats["dropped"].values()):
+                raise WorkflowError(f"split_reads: reads do not add up: {stats}")
+            pub.commit()
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    log.info("split_reads %s → %s: %s", input, out_dir, {k: v for k, v in stats.items()})
+    log.info("split_reads %s → %s: %s", input, out_dir, stats)
     return stats
 
 
-def _finish(tmp_dir: str, out_dir: str, per_worker: list[dict[str, Any]], min_reads: int, moved: list[str]) -> dict[str, Any]:
-    """Complete the part files (concatenate a file's parts, EOF block), move them
-    into out_dir, write the manifest; returns the counts."""
+def _finish(pub: Publication, tmp_dir: str, out_dir: str, per_worker: list[dict[str, Any]], min_reads: int) -> dict[str, Any]:
+    """Complete the part files (a file's parts concatenated, the EOF block) as
+    the publication's files in out_dir, and the manifest; returns the counts."""
     files: dict[str, dict[str, Any]] = {}
     for result in per_worker:
         header_bytes = result["header_bytes"]
@@ -459,15 +443,12 @@ def _finish(tmp_dir: str, out_dir: str, per_worker: list[dict[str, Any]], min_re
             if part is not None:
                 entry["parts"].append((os.path.join(tmp_dir, part), header_bytes))
     written = below = 0
-    final: list[tuple[str, str]] = []
     manifest = []
     for name in sorted(files):
         entry = files[name]
         parts = entry["parts"]
         if entry["reads"] < min_reads:
             below += entry["reads"]
-            for path, _ in parts:
-                os.unlink(path)
             continue
         if not parts:
             raise WorkflowError(f"split_reads: no worker wrote {name!r} ({entry['reads']} reads)")
@@ -486,21 +467,13 @@ def _finish(tmp_dir: str, out_dir: str, per_worker: list[dict[str, Any]], min_re
             write_all(fd, memoryview(EOF_BLOCK))
         finally:
             os.close(fd)
-        final.append((first, os.path.join(out_dir, name)))
+        os.replace(first, pub.path(os.path.join(out_dir, name)))
         written += entry["reads"]
-        manifest.append(f"{escape_value(entry['label'])}\t{name}\t{entry['reads']}\n")
-    manifest_tmp = os.path.join(tmp_dir, MANIFEST)
-    with open(manifest_tmp, "w", encoding="utf-8") as f:
-        f.write("value\tfile\treads\n")
-        f.writelines(manifest)
-    for src, dst in final:
-        os.replace(src, dst)
-        moved.append(dst)
-    os.replace(manifest_tmp, os.path.join(out_dir, MANIFEST))
-    moved.append(os.path.join(out_dir, MANIFEST))
+        manifest.append((entry["label"], name, entry["reads"]))
+    pub.write_tsv(os.path.join(out_dir, MANIFEST), ("value", "file", "reads"), manifest)
     return {
         "written": written,
-        "files": len(final),
+        "files": len(manifest),
         "dropped": {"missing_tag": 0, "not_selected": 0, "below_min_reads": below},
         "manifest": os.path.join(out_dir, MANIFEST),
     }

@@ -3,7 +3,17 @@
 Between stages flows a *raw BAM stream*: ``BAM\\1``, header, records, with
 no BGZF framing and no compression. Decode turns any BAM/SAM input into one;
 encode compresses one into the final BAM (BGZF, in parallel threads), SAM or
-uncompressed BAM, adding bamflow's @PG line.
+uncompressed BAM, adding bamflow's @PG line. Every record a kernel reads is
+checked by the one record layer (bamflow.kernels._records).
+
+Chunk-end frames: where the input order must come back after parallel
+workers (``collect_bam(order="input")``), a stream carries the end of each
+chunk out of band of the records: a block_size of 0, which no record can
+have (a record has at least 32 bytes). The distributor writes them after
+every chunk (``frame_chunks``) for workers that pass raw streams on; a
+worker that reads through pysam (which cannot see them) counts its reads
+instead and writes a frame after every ``chunk_size`` of them
+(:class:`ChunkFramer`). The collector consumes them; they never reach a file.
 """
 
 from __future__ import annotations
@@ -13,25 +23,26 @@ import os
 from contextlib import ExitStack
 from typing import Any
 
-from .. import progress
-from ..bgzf import DEFAULT_LEVEL, BgzfReader, BgzfWriter, detect_format
-from ..fifo import wait_readable
-from ..files import STDIN_NAMES, copy_stream, fd_of, open_for_reading, owned_fd, write_all
-from ..kernels.bam import RecordCounter
+from ..engine import progress
+from ..engine.files import STDIN_NAMES, copy_stream, fd_of, open_for_reading, open_for_writing, owned_fd, write_all
+from ..kernels.bam import Collector, Distributor, RecordChunks
+from .bgzf import BgzfReader, BgzfWriter, detect_format
 from .header import BamFormatError, BamHeader
 from .header import command_line as process_command_line
+from .options import CollectOptions, DecodeOptions, DistributeOptions, EncodeOptions
 
 COPY_BLOCK = 1 << 20
 
 
-def _source_name(path: str) -> str:
+def source_name(path: str) -> str:
+    """How messages name an input: its path, or ``stdin``."""
     return "stdin" if path in STDIN_NAMES else path
 
 
-def decode_bam(input: str, output: Any, threads: int = 2) -> dict[str, Any]:
+def decode_bam(input: str, output: Any, options: DecodeOptions = DecodeOptions()) -> dict[str, Any]:
     """Write ``input`` (BAM, uncompressed BAM, raw BAM or SAM; ``-``: stdin) to
     ``output`` as a raw BAM stream. Returns {"format", "bytes"}."""
-    name = _source_name(input)
+    name = source_name(input)
     with ExitStack() as stack:
         out_fd = fd_of(output, True, stack)
         source = io.FileIO(open_for_reading(input), "rb")
@@ -39,7 +50,7 @@ def decode_bam(input: str, output: Any, threads: int = 2) -> dict[str, Any]:
         raw = stack.enter_context(io.BufferedReader(progress.CountingReader(source, progress.current()), COPY_BLOCK))
         fmt = detect_format(raw.peek(4)[:4])
         if fmt == "bgzf":
-            total = _copy_checked_header(stack.enter_context(BgzfReader(raw, threads=threads)), out_fd, name)
+            total = _copy_checked_header(stack.enter_context(BgzfReader(raw, threads=options.threads)), out_fd, name)
         elif fmt == "bam-raw":
             total = _copy_checked_header(raw, out_fd, name)
         elif fmt == "sam":
@@ -69,7 +80,8 @@ def read_raw_header(stream: Any, name: str) -> tuple[BamHeader, int, bytes]:
 
 
 def _copy_checked_header(stream: Any, out_fd: int, name: str) -> int:
-    """Copy a raw BAM stream, checking that it starts with a complete header."""
+    """Copy a raw BAM stream, checking that it starts with a complete header
+    (the records are checked by the next stage's kernel)."""
     _, _, start = read_raw_header(stream, name)
     write_all(out_fd, memoryview(start))
     return len(start) + copy_stream(stream, out_fd)
@@ -146,54 +158,35 @@ def _sam_to_raw(source: Any, out_fd: int, name: str) -> int:
     return total
 
 
-def encode_bam(
-    input: Any,
-    output: Any,
-    level: int | str = DEFAULT_LEVEL,
-    threads: int = 2,
-    fmt: str = "bam",
-    command_line: str | None = None,
-) -> dict[str, Any]:
-    """Write the raw BAM stream ``input`` to ``output`` as BAM (BGZF at ``level``,
-    compressed in ``threads`` threads), ``fmt="ubam"`` (uncompressed BAM) or
-    ``fmt="sam"``, with one @PG line added to the header (CL: ``command_line``,
-    by default how this process was started)."""
-    if fmt not in ("bam", "ubam", "sam"):
-        raise ValueError(f"fmt must be bam, ubam or sam, not {fmt!r}")
+def encode_bam(input: Any, output: Any, options: EncodeOptions = EncodeOptions()) -> dict[str, Any]:
+    """Write the raw BAM stream ``input`` to ``output`` as BAM, uncompressed BAM
+    or SAM (``options.fmt``), with one @PG line added to the header. Every
+    record is checked on its way; the result counts them (the books)."""
     with ExitStack() as stack:
         in_fd = fd_of(input, False, stack)
-        wait_readable(in_fd)  # a FIFO read end reports EOF until its writer connects
+        chunks = RecordChunks(in_fd, "collected stream: ", progress.current().slot)
+        header, _ = BamHeader.from_bytes(chunks.header(), "collected stream")
+        header = header.with_program(options.command_line if options.command_line is not None else process_command_line())
         out_fd = fd_of(output, True, stack)
-        source = stack.enter_context(
-            io.BufferedReader(progress.CountingReader(io.FileIO(in_fd, "rb", closefd=False), progress.current()), COPY_BLOCK)
-        )
-        header, header_length, start = read_raw_header(source, "collected stream")
-        header = header.with_program(command_line if command_line is not None else process_command_line())
-        rest = memoryview(start)[header_length:]
-        if fmt == "sam":
-            return _raw_to_sam(header, rest, source, out_fd)
+        if options.fmt == "sam":
+            return _raw_to_sam(header, chunks, out_fd)
         writer = stack.enter_context(
-            BgzfWriter(io.FileIO(out_fd, "wb", closefd=False), level=0 if fmt == "ubam" else level, threads=threads)
+            BgzfWriter(
+                io.FileIO(out_fd, "wb", closefd=False),
+                level=0 if options.fmt == "ubam" else options.level,
+                threads=options.threads,
+            )
         )
         writer.write(header.to_bytes())
         writer.flush_block()  # records start in a fresh block, as htslib writes them
-        counter = RecordCounter()  # the books: what this writer wrote
-        data: bytes | memoryview = rest
         total = 0
-        while data:
-            counter.feed(data)
+        while data := chunks.next_chunk():
             writer.write(data)
             total += len(data)
-            data = source.read(COPY_BLOCK)
-        try:
-            records = counter.finish()
-        except ValueError as e:
-            raise BamFormatError(f"collected stream: {e}") from None
-        progress.current().slot[0] = records
-        return {"records": records, "record_bytes": total}
+        return {"records": chunks.records, "record_bytes": total}
 
 
-def _raw_to_sam(header: BamHeader, rest: memoryview, source: Any, out_fd: int) -> dict[str, Any]:
+def _raw_to_sam(header: BamHeader, chunks: Any, out_fd: int) -> dict[str, Any]:
     """Raw BAM → SAM text through pysam, fed over a pipe by a forked child."""
     import pysam
 
@@ -202,8 +195,8 @@ def _raw_to_sam(header: BamHeader, rest: memoryview, source: Any, out_fd: int) -
     def feed() -> None:
         os.close(read_end)
         write_all(write_end, memoryview(header.to_bytes()))
-        write_all(write_end, rest)
-        copy_stream(source, write_end)
+        while data := chunks.next_chunk():
+            write_all(write_end, memoryview(data))
 
     feeder = _run_forked(feed)
     os.close(write_end)
@@ -227,49 +220,77 @@ def _raw_to_sam(header: BamHeader, rest: memoryview, source: Any, out_fd: int) -
 def distribute_records(
     input: Any,
     outputs: list[Any],
-    by: Any = None,
-    chunk_size: int = 1000,
-    missing: str = "error",
+    options: DistributeOptions = DistributeOptions(),
     unassigned: Any = None,
     header_fifo: Any = None,
-    header_broadcast: bool = True,
-    mark_chunks: bool = False,
-    count_values: bool = False,
+    source: str = "",
 ) -> dict[str, Any]:
-    """Deal the records of a raw BAM stream to ``outputs`` (see Workflow.distribute_bam)."""
-    from ..kernels.bam import distribute_bam
-
+    """Deal the records of a raw BAM stream to ``outputs`` (see BamWorkflow.distribute_bam).
+    ``source`` names the input in messages."""
     with ExitStack() as stack:
         in_fd = fd_of(input, False, stack)
         out_fds = [fd_of(o, True, stack) for o in outputs]
         unassigned_fd = -1 if unassigned is None else fd_of(unassigned, True, stack)
         # the kernel closes the header's descriptor as soon as the header is out
         header_fd = -1 if header_fifo is None else owned_fd(header_fifo, writing=True)
-        return dict(distribute_bam(
+        return Distributor(
             in_fd,
             out_fds,
-            by=by,
-            chunk_size=chunk_size,
-            missing=missing,
+            options,
             unassigned_fd=unassigned_fd,
             header_fd=header_fd,
-            header_broadcast=header_broadcast,
-            mark_chunks=mark_chunks,
-            count_values=count_values,
             progress=progress.current().slot,
-        ))
+            source=f"{source}: " if source else "",
+        ).run()
 
 
-def collect_records(inputs: list[Any], output: Any, header_fifo: Any = None, order: str = "any") -> dict[str, Any]:
-    """Merge raw BAM streams (or BGZF streams from pysam workers) into one raw
-    BAM stream, header first (see Workflow.collect_bam)."""
-    from ..kernels.bam import collect_bam
-
-    tag = None
-    if order.startswith("tag:"):
-        order, tag = "tag", order[4:].encode()
+def collect_records(
+    inputs: list[Any], output: Any, options: CollectOptions = CollectOptions(), header_fifo: Any = None
+) -> dict[str, Any]:
+    """Merge raw BAM streams (or BGZF streams) into one raw BAM stream, header
+    first (see BamWorkflow.collect_bam)."""
     with ExitStack() as stack:
         in_fds = [fd_of(i, False, stack) for i in inputs]
         header_fd = -1 if header_fifo is None else fd_of(header_fifo, False, stack)
         out_fd = fd_of(output, True, stack)
-        return dict(collect_bam(in_fds, out_fd, order=order, header_fd=header_fd, tag=tag, progress=progress.current().slot))
+        return Collector(in_fds, out_fd, options, header_fd=header_fd, progress=progress.current().slot).run()
+
+
+class ChunkFramer:
+    """For a worker whose reader cannot see chunk-end frames (pysam): call
+    :meth:`read_done` after handling each input read; a frame follows every
+    ``chunk_size`` reads in ``writer`` (a :class:`~bamflow.kernels.pysam_bridge.RawWriter`).
+    ``chunk_size=None``: no frames."""
+
+    def __init__(self, writer: Any, chunk_size: int | None) -> None:
+        self.writer = writer
+        self.chunk_size = chunk_size or 0
+        self._in_chunk = 0
+
+    def read_done(self) -> None:
+        if self.chunk_size:
+            self._in_chunk += 1
+            if self._in_chunk == self.chunk_size:
+                self._in_chunk = 0
+                self.writer.frame()
+
+
+def raw_writer(path: str, header: Any) -> Any:
+    """A RawWriter on ``path`` (an unmanaged FIFO or a file) that starts with
+    the raw form of a pysam ``AlignmentHeader``."""
+    from ..kernels.pysam_bridge import RawWriter
+
+    fd = open_for_writing(path)
+    return RawWriter(fd, BamHeader.from_pysam(header).to_bytes())
+
+
+__all__ = [
+    "ChunkFramer",
+    "collect_records",
+    "decode_bam",
+    "distribute_records",
+    "encode_bam",
+    "raw_writer",
+    "read_raw_header",
+    "source_name",
+]

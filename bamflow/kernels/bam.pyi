@@ -1,5 +1,9 @@
-from collections.abc import Iterable
-from typing import Literal, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from bamflow.bam.options import CollectOptions, DistributeOptions
 
 class _DistributeStats(TypedDict):
     records: int
@@ -8,6 +12,7 @@ class _DistributeStats(TypedDict):
     unassigned: int
     header_bytes: int
     bytes: int
+    tags_seen: list[str]
 
 class DistributeStats(_DistributeStats, total=False):
     values: dict[bytes, int]  # with count_values
@@ -17,41 +22,46 @@ class CollectStats(TypedDict):
     per_input: list[int]
     header_bytes: int
 
-CHUNK_END_NAME: bytes
-CHUNK_END_RECORD: bytes
+FRAME: bytes
 
-def split_header(data: bytes | bytearray | memoryview) -> int: ...
-def distribute_bam(
-    in_fd: int,
-    out_fds: Iterable[int],
-    *,
-    by: Literal["name"] | Iterable[bytes | str] | None = None,
-    chunk_size: int = 1000,
-    missing: str = "error",
-    unassigned_fd: int = -1,
-    header_fd: int = -1,
-    header_broadcast: bool = True,
-    mark_chunks: bool = False,
-    count_values: bool = False,
-    progress: memoryview | None = None,
-    buffer_size: int = 1 << 20,
-    out_buffer_size: int = 1 << 16,
-) -> DistributeStats: ...
-def collect_bam(
-    in_fds: Iterable[int],
-    out_fd: int,
-    *,
-    order: str = "any",
-    header_fd: int = -1,
-    tag: bytes | str | None = None,
-    buffer_size: int = 1 << 20,
-    out_buffer_size: int = 1 << 20,
-    read_ahead: int = 0,
-    progress: memoryview | None = None,
-) -> CollectStats: ...
-def stable_hash(key: bytes) -> int: ...
+class Distributor:
+    def __init__(
+        self,
+        in_fd: int,
+        out_fds: Iterable[int],
+        options: DistributeOptions,
+        *,
+        unassigned_fd: int = -1,
+        header_fd: int = -1,
+        progress: memoryview | None = None,
+        source: str = "",
+        buffer_size: int = 1 << 20,
+        out_buffer_size: int = 1 << 16,
+    ) -> None: ...
+    def run(self) -> DistributeStats: ...
 
-class RecordCounter:
+class Collector:
+    def __init__(
+        self,
+        in_fds: Iterable[int],
+        out_fd: int,
+        options: CollectOptions,
+        *,
+        header_fd: int = -1,
+        progress: memoryview | None = None,
+        buffer_size: int = 1 << 20,
+        out_buffer_size: int = 1 << 20,
+    ) -> None: ...
+    def run(self) -> CollectStats: ...
+
+class RecordChunks:
     records: int
-    def feed(self, data: bytes | bytearray | memoryview) -> None: ...
-    def finish(self) -> int: ...
+    def __init__(
+        self, fd: int, source: str = "", progress: memoryview | None = None, chunk_bytes: int = 1 << 20,
+        buffer_size: int = 1 << 20,
+    ) -> None: ...
+    def header(self) -> bytes: ...
+    def next_chunk(self) -> bytes: ...
+
+def distribute_bam(in_fd: int, out_fds: Iterable[int], options: DistributeOptions, **kwargs: Any) -> DistributeStats: ...
+def collect_bam(in_fds: Iterable[int], out_fd: int, options: CollectOptions, **kwargs: Any) -> CollectStats: ...

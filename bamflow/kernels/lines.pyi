@@ -1,5 +1,8 @@
-from collections.abc import Callable, Iterable
-from typing import TypedDict
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, TypedDict
+
+if TYPE_CHECKING:
+    from bamflow.engine.lines import LineCollectOptions, LineDistributeOptions
 
 class DistributeStats(TypedDict):
     lines: int
@@ -16,24 +19,18 @@ class CollectStats(TypedDict):
 def distribute_lines(
     in_fd: int,
     out_fds: Iterable[int],
+    options: LineDistributeOptions,
     *,
-    chunk_size: int = 1,
     header_fd: int = -1,
-    header_broadcast: bool = False,
-    header_detect: Callable[[str], object] | None = None,
-    header_prefix: bytes | None = None,
-    key_field: int = -1,
-    field_sep: bytes = b"\t",
     buffer_size: int = 1 << 20,
     out_buffer_size: int = 1 << 16,
 ) -> DistributeStats: ...
 def collect_lines(
     in_fds: Iterable[int],
     out_fd: int,
+    options: LineCollectOptions,
     *,
     header_fd: int = -1,
-    order: str = "any",
-    chunk_size: int = 1,
     buffer_size: int = 1 << 20,
     out_buffer_size: int = 1 << 20,
     read_ahead: int = 32 << 20,

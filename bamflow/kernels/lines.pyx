@@ -17,11 +17,9 @@ from bamflow.kernels._posixio cimport (
     POLLERR, POLLHUP, POLLIN, fnv1a64, poll, pollfd, read_some, wait_readable,
     write_all,
 )
-# output staging (one growable-by-flush buffer per output), shared with the BAM
-# kernels; an OutBuf's ``records`` counts the lines written to it
-from bamflow.kernels._records cimport (
-    OutBuf, _flush, _free_outbufs, _new_outbufs, _put, _raise_errno,
-)
+# output staging (one buffer per output), shared with the BAM kernels; an
+# OutBuf's ``records`` counts the lines written to it
+from bamflow.kernels._io cimport OutBuf, OutBufs, out_flush as _flush, out_put as _put, raise_errno as _raise_errno
 
 
 cdef inline long long _count_lines(const char *p, Py_ssize_t n) noexcept nogil:
@@ -42,14 +40,9 @@ cdef inline long long _count_lines(const char *p, Py_ssize_t n) noexcept nogil:
 def distribute_lines(
     int in_fd,
     out_fds,
+    options,
     *,
-    Py_ssize_t chunk_size=1,
     int header_fd=-1,
-    bint header_broadcast=False,
-    header_detect=None,
-    bytes header_prefix=None,
-    Py_ssize_t key_field=-1,
-    bytes field_sep=b"\t",
     Py_ssize_t buffer_size=1 << 20,
     Py_ssize_t out_buffer_size=1 << 16,
 ):
@@ -63,9 +56,19 @@ def distribute_lines(
     ``chunk_size`` lines, or, with ``key_field >= 0``, to the output chosen by a
     stable hash of that ``field_sep``-separated field (0-based).
 
+    ``options`` (bamflow.engine.lines.LineDistributeOptions): ``chunk_size``,
+    ``header_detect_func``, ``header_prefix``, ``header_broadcast``, ``by``
+    (the key field), ``field_sep``.
+
     Returns a dict: ``lines`` (body lines), ``header_lines``, ``bytes`` (read),
     ``per_output`` (body lines per output).
     """
+    cdef Py_ssize_t chunk_size = options.chunk_size
+    cdef bint header_broadcast = options.header_broadcast
+    header_detect = options.header_detect_func
+    cdef bytes header_prefix = options.prefix_bytes
+    cdef Py_ssize_t key_field = -1 if options.by is None else options.by
+    cdef bytes field_sep = options.field_sep.encode()
     cdef list fds = [int(fd) for fd in out_fds]
     cdef Py_ssize_t n_out = len(fds)
     if n_out < 1:
@@ -85,7 +88,8 @@ def distribute_lines(
         prefix_len = len(header_prefix)
     cdef char sep = field_sep[0]
 
-    cdef OutBuf *outs = NULL
+    cdef OutBufs staging = OutBufs(fds, out_buffer_size)
+    cdef OutBuf *outs = staging.bufs
     cdef char *buf = NULL
     cdef char *grown
     cdef Py_ssize_t cap = buffer_size, start = 0, end = 0, n, i
@@ -99,7 +103,6 @@ def distribute_lines(
     cdef Py_ssize_t target = 0, in_chunk = 0
     cdef long long body_lines = 0, header_lines = 0, bytes_read = 0
 
-    outs = _new_outbufs(fds, out_buffer_size)
     try:
         if header_fd >= 0 and not detect_header:
             close(header_fd)  # no header to look for: it is empty
@@ -206,7 +209,6 @@ def distribute_lines(
         if header_fd >= 0:
             close(header_fd)
         free(buf)
-        _free_outbufs(outs, n_out)
 
 
 # -- collect ----------------------------------------------------------------------
@@ -318,10 +320,9 @@ cdef int _poll_inputs(LineInBuf *ins, Py_ssize_t n_in, pollfd *pfds, Py_ssize_t 
 def collect_lines(
     in_fds,
     int out_fd,
+    options,
     *,
     int header_fd=-1,
-    str order="any",
-    Py_ssize_t chunk_size=1,
     Py_ssize_t buffer_size=1 << 20,
     Py_ssize_t out_buffer_size=1 << 20,
     Py_ssize_t read_ahead=32 << 20,
@@ -340,8 +341,12 @@ def collect_lines(
     current input stays silent for ``stall_ms``, it passes on a chunk out of
     turn (counted in ``out_of_turn``) instead of stalling.
 
+    ``options`` (bamflow.engine.lines.LineCollectOptions): ``order``, ``chunk_size``.
+
     Returns a dict: ``lines``, ``header_lines``, ``per_input``, ``out_of_turn``.
     """
+    cdef str order = options.order
+    cdef Py_ssize_t chunk_size = options.chunk_size
     cdef list fds = [int(fd) for fd in in_fds]
     cdef Py_ssize_t n_in = len(fds)
     if order not in ("any", "round-robin"):
@@ -353,25 +358,19 @@ def collect_lines(
     cdef LineInBuf *ins = NULL
     cdef pollfd *pfds = NULL
     cdef Py_ssize_t *index = NULL
-    cdef OutBuf out
+    cdef OutBufs staging = OutBufs([out_fd], out_buffer_size)
+    cdef OutBuf *out = staging.bufs
     cdef LineInBuf header
     cdef Py_ssize_t i, cur = 0, finished = 0, upto, fullest
     cdef long long header_lines = 0, out_of_turn = 0
     cdef const char *hit
 
-    out.fd = out_fd
-    out.cap = out_buffer_size
-    out.used = 0
-    out.records = 0
-    out.progress = NULL
-    out.data = NULL
     header.data = NULL
     try:
-        out.data = <char *> malloc(out_buffer_size)
         ins = <LineInBuf *> calloc(n_in if n_in else 1, sizeof(LineInBuf))
         pfds = <pollfd *> calloc(n_in if n_in else 1, sizeof(pollfd))
         index = <Py_ssize_t *> calloc(n_in if n_in else 1, sizeof(Py_ssize_t))
-        if out.data == NULL or ins == NULL or pfds == NULL or index == NULL:
+        if ins == NULL or pfds == NULL or index == NULL:
             raise MemoryError()
         for i in range(n_in):
             ins[i].fd = fds[i]
@@ -395,18 +394,18 @@ def collect_lines(
                 upto = _last_newline(&header)
                 if upto > 0:
                     header_lines += _count_lines(header.data + header.start, upto - header.start)
-                    _put(&out, header.data + header.start, upto - header.start)
+                    _put(out, header.data + header.start, upto - header.start)
                     header.start = upto
 
         if not round_robin:
             while True:
-                if _poll_inputs(ins, n_in, pfds, index, &out, -1, 0, -1) < 0:
+                if _poll_inputs(ins, n_in, pfds, index, out, -1, 0, -1) < 0:
                     break
                 for i in range(n_in):
                     if ins[i].end > ins[i].start:
                         upto = _last_newline(&ins[i])
                         if upto > 0:
-                            _emit(&ins[i], &out, upto,
+                            _emit(&ins[i], out, upto,
                                   _count_lines(ins[i].data + ins[i].start, upto - ins[i].start))
         else:
             while finished < n_in:
@@ -423,13 +422,13 @@ def collect_lines(
                     ins[cur].scan = hit - ins[cur].data + 1
                     ins[cur].scan_lines += 1
                 if ins[cur].scan_lines == chunk_size or (ins[cur].eof and ins[cur].scan == ins[cur].end):
-                    _emit(&ins[cur], &out, ins[cur].scan, ins[cur].scan_lines)
+                    _emit(&ins[cur], out, ins[cur].scan, ins[cur].scan_lines)
                     if ins[cur].eof and ins[cur].start == ins[cur].end:
                         ins[cur].done = True
                         finished += 1
                     cur = (cur + 1) % n_in
                     continue
-                if _poll_inputs(ins, n_in, pfds, index, &out, cur, read_ahead, stall_ms) == 0:
+                if _poll_inputs(ins, n_in, pfds, index, out, cur, read_ahead, stall_ms) == 0:
                     # every other input is read_ahead bytes ahead and the current
                     # one stayed silent: pass a chunk on out of turn, not stall
                     fullest = -1
@@ -440,14 +439,14 @@ def collect_lines(
                             fullest = i
                     upto = _last_newline(&ins[fullest])
                     if upto > 0:
-                        _emit(&ins[fullest], &out, upto,
+                        _emit(&ins[fullest], out, upto,
                               _count_lines(ins[fullest].data + ins[fullest].start,
                                            upto - ins[fullest].start))
                         out_of_turn += 1
                     else:
                         _fill_lines(&ins[fullest])  # one line longer than read_ahead
 
-        _flush(&out)
+        _flush(out)
         return {
             "lines": out.records,
             "header_lines": header_lines,
@@ -455,7 +454,6 @@ def collect_lines(
             "out_of_turn": out_of_turn,
         }
     finally:
-        free(out.data)
         free(header.data)
         if ins != NULL:
             for i in range(n_in):

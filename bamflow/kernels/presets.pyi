@@ -1,19 +1,29 @@
 from collections.abc import Callable
-from typing import Any
+
+from bamflow.kernels._records import ValueTable
+
+COUNT_STATS: tuple[str, ...]
+CORRECT_STATS: tuple[str, ...]
 
 def fastq_pairs_to_bam(
     r1s: list, r2s: list, cb_segs: list[tuple[int, int]], umi_segs: list[tuple[int, int]], need: int,
     rg: bytes, out: bytearray, first: int,
 ) -> tuple[int, int]: ...
-def count_tag_values(
-    buf: bytes | bytearray | memoryview, start: int, tag: bytes, skip_secondary: bool, skip_duplicates: bool,
-    min_mapq: int, counts: dict[bytes, int], stats: Any,
-) -> int: ...
-def correct_records(
-    buf: bytes | bytearray | memoryview, start: int, tag_in: bytes, qual_tag: bytes, tag_out: bytes,
-    cache: dict[bytes, tuple[int, bytes | None]], resolve: Callable[[bytes, bytes | None], tuple[int, bytes | None]],
-    marker_name: bytes, stats: Any,
-) -> tuple[int, bytes]: ...
+
+class TagCounter:
+    def __init__(
+        self, in_fd: int, tag: str | bytes, *, skip_secondary: bool = True, skip_duplicates: bool = False,
+        min_mapq: int = 0, source: str = "", progress: memoryview | None = None, buffer_size: int = 1 << 20,
+    ) -> None: ...
+    def run(self) -> tuple[ValueTable, dict[str, int], list[str]]: ...
+
+class Corrector:
+    def __init__(
+        self, in_fd: int, out_fd: int, tag_in: str, qual_tag: str, tag_out: str,
+        resolve: Callable[[bytes, bytes | None], tuple[int, bytes | None, bool]], *, source: str = "",
+        progress: memoryview | None = None, buffer_size: int = 1 << 20, out_buffer_size: int = 1 << 20,
+    ) -> None: ...
+    def run(self) -> dict[str, int]: ...
 
 class Whitelist:
     length: int

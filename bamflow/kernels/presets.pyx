@@ -1,20 +1,26 @@
 # cython: language_level=3
 """Kernels of the single-cell presets (bamflow.presets): FASTQ pairs to unmapped
-BAM records (``tag``), tag-value counting with flag/MAPQ filters (``histogram``
-and the first pass of ``correct``), cell-barcode correction of raw records
-(``correct``) and a 2-bit packed barcode whitelist.
+BAM records (``tag``), tag-value counting with flag/MAPQ filters
+(:class:`TagCounter`: ``histogram`` and the first pass of ``correct``),
+cell-barcode correction of records (:class:`Corrector`) and a 2-bit packed
+barcode whitelist.
 
-The record kernels work on one buffer of a raw BAM stream (records after the
-header) at a time and return how far they got, so the caller keeps the
-incomplete record at the end for the next buffer.
+Records are read through the one record layer (bamflow.kernels._records):
+every record is checked, tag values follow its one canonical rule.
 """
 
+from cpython.list cimport PyList_GET_ITEM
+from cpython.ref cimport PyObject
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, qsort, realloc
-from libc.string cimport memcmp, memcpy
-from cpython.bytes cimport PyBytes_FromStringAndSize
-from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
-from cpython.ref cimport PyObject
+from libc.string cimport memcmp, memcpy, strlen
+
+from bamflow.kernels._io cimport OutBuf, OutBufs, out_flush, out_put
+from bamflow.kernels._posixio cimport fnv1a64
+from bamflow.kernels._records cimport (
+    GOT_FRAME, KEY_FOUND, STREAM_END, BamCore, Rec, RecordReader, Scratch, Tags, ValueTable, core_of,
+    describe, find_tag, put_u32, scratch_free, scratch_put, scratch_reserve,
+)
 
 
 cdef extern from "Python.h":
@@ -40,40 +46,6 @@ BASE2[ord("G")] = 2
 BASE2[ord("T")] = 3
 
 
-cdef inline uint32_t _u32(const uint8_t *p) noexcept nogil:
-    return <uint32_t> p[0] | (<uint32_t> p[1] << 8) | (<uint32_t> p[2] << 16) | (<uint32_t> p[3] << 24)
-
-
-cdef inline void _put_u32(uint8_t *p, uint32_t v) noexcept nogil:
-    p[0] = v & 0xFF
-    p[1] = (v >> 8) & 0xFF
-    p[2] = (v >> 16) & 0xFF
-    p[3] = (v >> 24) & 0xFF
-
-
-# -- growable output buffer ---------------------------------------------------------
-
-cdef struct Out:
-    uint8_t *data
-    Py_ssize_t used
-    Py_ssize_t cap
-
-
-cdef int _out_reserve(Out *o, Py_ssize_t more) except -1:
-    cdef Py_ssize_t cap = o.cap if o.cap else 1 << 16
-    cdef uint8_t *p
-    if o.used + more <= o.cap:
-        return 0
-    while cap < o.used + more:
-        cap *= 2
-    p = <uint8_t *> realloc(o.data, cap)
-    if p == NULL:
-        raise MemoryError()
-    o.data = p
-    o.cap = cap
-    return 0
-
-
 # -- tag: FASTQ pairs → unmapped BAM records -----------------------------------------
 
 cdef inline Py_ssize_t _id_len(const char *name, Py_ssize_t n) noexcept:
@@ -86,21 +58,14 @@ cdef inline Py_ssize_t _id_len(const char *name, Py_ssize_t n) noexcept:
     return i
 
 
-cdef int _put_z(Out *o, const char *tag, const char *s, const char *q, list segs, bint qual) except -1:
-    """Append tag:Z: the concatenation of the segments of s (or of q minus nothing: raw qualities)."""
+cdef int _put_z(Scratch *o, const char *tag, const char *s, list segs) except -1:
+    """Append tag:Z: the concatenation of the segments of s."""
     cdef Py_ssize_t a, b
-    _out_reserve(o, 3)
-    o.data[o.used] = tag[0]
-    o.data[o.used + 1] = tag[1]
-    o.data[o.used + 2] = 90  # Z
-    o.used += 3
+    scratch_put(o, tag, 2)
+    scratch_put(o, b"Z", 1)
     for a, b in segs:
-        _out_reserve(o, b - a)
-        memcpy(o.data + o.used, (q if qual else s) + a, b - a)
-        o.used += b - a
-    _out_reserve(o, 1)
-    o.data[o.used] = 0
-    o.used += 1
+        scratch_put(o, s + a, b - a)
+    scratch_put(o, b"\0", 1)
     return 0
 
 
@@ -121,16 +86,16 @@ def fastq_pairs_to_bam(list r1s, list r2s, list cb_segs, list umi_segs, Py_ssize
     cdef const char *q1
     cdef const char *s2
     cdef const char *q2
-    cdef Out o
+    cdef Scratch o
     cdef long long written = 0, short = 0
     cdef uint8_t *p
-    cdef uint8_t c
+    cdef BamCore *c
+    cdef uint8_t ch
     cdef Py_ssize_t rg_len = len(rg)
     if len(r2s) != n:
         raise ValueError("read 1 and read 2 batches differ in size")
     o.data = NULL
-    o.used = 0
-    o.cap = 0
+    o.used = o.cap = 0
     try:
         for i in range(n):
             rec1 = r1s[i]
@@ -156,23 +121,20 @@ def fastq_pairs_to_bam(list r1s, list r2s, list cb_segs, list umi_segs, Py_ssize
                 raise ValueError(f"FASTQ pair {first + i}: sequence and quality lengths differ")
             lname = id2 + 1
             start = o.used
-            _out_reserve(&o, 36 + lname + (l2 + 1) // 2 + l2)
+            scratch_reserve(&o, 36 + lname + (l2 + 1) // 2 + l2)
             p = o.data + start
-            # block_size (later), refID, pos, l_read_name, mapq, bin, n_cigar, flag, l_seq, next_refID, next_pos, tlen
-            _put_u32(p + 4, 0xFFFFFFFF)
-            _put_u32(p + 8, 0xFFFFFFFF)
-            p[12] = <uint8_t> lname
-            p[13] = 0
-            p[14] = 4680 & 0xFF
-            p[15] = 4680 >> 8
-            p[16] = 0
-            p[17] = 0
-            p[18] = 4
-            p[19] = 0
-            _put_u32(p + 20, <uint32_t> l2)
-            _put_u32(p + 24, 0xFFFFFFFF)
-            _put_u32(p + 28, 0xFFFFFFFF)
-            _put_u32(p + 32, 0)
+            c = <BamCore *> (p + 4)  # block_size is set once the tags are in
+            c.refid = -1
+            c.pos = -1
+            c.l_read_name = <uint8_t> lname
+            c.mapq = 0
+            c.bin = 4680  # reg2bin(-1, 0)
+            c.n_cigar = 0
+            c.flag = 4
+            c.l_seq = <uint32_t> l2
+            c.next_refid = -1
+            c.next_pos = -1
+            c.tlen = 0
             memcpy(p + 36, n2, id2)
             p[36 + id2] = 0
             p += 36 + lname
@@ -182,265 +144,212 @@ def fastq_pairs_to_bam(list r1s, list r2s, list cb_segs, list umi_segs, Py_ssize
                 p[l2 >> 1] = SEQ_CODE[<uint8_t> s2[l2 - 1]] << 4
             p += (l2 + 1) // 2
             for k in range(l2):
-                c = <uint8_t> q2[k]
-                if c < 33 or c > 126:
-                    raise ValueError(f"FASTQ pair {first + i}: invalid quality character {chr(c)!r} in read 2")
-                p[k] = c - 33
+                ch = <uint8_t> q2[k]
+                if ch < 33 or ch > 126:
+                    raise ValueError(f"FASTQ pair {first + i}: invalid quality character {chr(ch)!r} in read 2")
+                p[k] = ch - 33
             o.used = start + 36 + lname + (l2 + 1) // 2 + l2
-            _put_z(&o, b"CR", s1, q1, cb_segs, False)
-            _put_z(&o, b"CY", s1, q1, cb_segs, True)
-            _put_z(&o, b"UR", s1, q1, umi_segs, False)
-            _put_z(&o, b"UY", s1, q1, umi_segs, True)
+            _put_z(&o, b"CR", s1, cb_segs)
+            _put_z(&o, b"CY", q1, cb_segs)
+            _put_z(&o, b"UR", s1, umi_segs)
+            _put_z(&o, b"UY", q1, umi_segs)
             if rg_len:
-                _out_reserve(&o, rg_len + 4)
-                memcpy(o.data + o.used, b"RGZ", 3)
-                memcpy(o.data + o.used + 3, <const char *> rg, rg_len)
-                o.data[o.used + 3 + rg_len] = 0
-                o.used += rg_len + 4
-            _put_u32(o.data + start, <uint32_t> (o.used - start - 4))
+                scratch_put(&o, b"RGZ", 3)
+                scratch_put(&o, <const char *> rg, rg_len + 1)  # with the bytes' NUL
+            put_u32(o.data + start, <uint32_t> (o.used - start - 4))
             written += 1
-        out += (<char *> o.data)[:o.used] if o.used else b""
+        if o.used:
+            out += (<char *> o.data)[:o.used]
     finally:
-        free(o.data)
+        scratch_free(&o)
     return written, short
 
 
-# -- walking records -------------------------------------------------------------------
+# -- counting tag values ---------------------------------------------------------------
 
-cdef inline Py_ssize_t _tag_size(const uint8_t *p, const uint8_t *end) except -2:
-    """Size of the tag value whose type char is at p (type char excluded); -1 if corrupt."""
-    cdef uint8_t t = p[0]
-    cdef const uint8_t *q
-    cdef Py_ssize_t esz
-    cdef uint32_t count
-    if t == 65 or t == 99 or t == 67:  # A c C
-        return 1
-    if t == 115 or t == 83:  # s S
-        return 2
-    if t == 105 or t == 73 or t == 102:  # i I f
-        return 4
-    if t == 90 or t == 72:  # Z H
-        q = p + 1
-        while q < end and q[0] != 0:
-            q += 1
-        if q >= end:
-            return -1
-        return q - p
-    if t == 66:  # B
-        if p + 6 > end:
-            return -1
-        esz = {99: 1, 67: 1, 115: 2, 83: 2, 105: 4, 73: 4, 102: 4}.get(p[1], 0)
-        if esz == 0:
-            return -1
-        count = _u32(p + 2)
-        return 5 + esz * count
-    return -1
+COUNT_STATS = ("records", "counted", "duplicate", "low_mapq", "secondary", "supplementary", "missing_tag")
 
 
-cdef const uint8_t *_find_tag(const uint8_t *rec, uint32_t block_size, const char *tag) except? NULL:
-    """Pointer to the type char of tag in the record (rec: after block_size), or NULL."""
-    cdef uint32_t l_name = rec[8], n_cigar = rec[12] | (rec[13] << 8), l_seq = _u32(rec + 16)
-    cdef Py_ssize_t aux = 32 + l_name + 4 * n_cigar + (l_seq + 1) // 2 + l_seq
-    cdef const uint8_t *p = rec + aux
-    cdef const uint8_t *end = rec + block_size
-    cdef Py_ssize_t size
-    if aux > block_size:
-        raise ValueError("corrupt BAM record (fields overrun its block_size)")
-    while p + 3 <= end:
-        if p[0] == tag[0] and p[1] == tag[1]:
-            if _tag_size(p + 2, end) < 0:
-                raise ValueError("corrupt BAM record (bad tag)")
-            return p + 2
-        size = _tag_size(p + 2, end)
-        if size < 0 or p + 3 + size > end:
-            raise ValueError("corrupt BAM record (bad tag)")
-        p += 3 + size
-    return NULL
+cdef class TagCounter:
+    """Reads per canonical value of ``tag`` over the raw BAM stream on ``in_fd``.
 
-
-cdef str _read_name(const uint8_t *rec, uint32_t block_size):
-    cdef Py_ssize_t l = rec[8]
-    if l < 1 or 32 + l > block_size:
-        return "?"
-    return (<const char *> rec + 32)[:l - 1].decode("utf-8", "replace")
-
-
-cdef object _value_bytes(const uint8_t *tv, const uint8_t *end):
-    """Histogram key of a tag value: string types as they are, integers in decimal; None if empty."""
-    cdef uint8_t t = tv[0]
-    cdef Py_ssize_t n
-    if t == 90 or t == 72:
-        n = _tag_size(tv, end) - 1
-        if n <= 0:
-            return None
-        return PyBytes_FromStringAndSize(<const char *> tv + 1, n)
-    if t == 65:
-        return PyBytes_FromStringAndSize(<const char *> tv + 1, 1)
-    if t == 99:
-        return str(<signed char> tv[1]).encode()
-    if t == 67:
-        return str(tv[1]).encode()
-    if t == 115:
-        return str(<short> (tv[1] | (tv[2] << 8))).encode()
-    if t == 83:
-        return str(<unsigned short> (tv[1] | (tv[2] << 8))).encode()
-    if t == 105:
-        return str(<int32_t> _u32(tv + 1)).encode()
-    if t == 73:
-        return str(_u32(tv + 1)).encode()
-    raise TypeError(f"tag type {chr(t)!r}: only string and integer tags can be counted")
-
-
-def count_tag_values(const uint8_t[:] buf not None, Py_ssize_t start, bytes tag, bint skip_secondary,
-                     bint skip_duplicates, int min_mapq, dict counts, long long[:] stats not None):
-    """Count the values of ``tag`` over the complete records of ``buf[start:]``.
-
-    A record is skipped (first reason counted in ``stats``) if it is a
-    duplicate (with ``skip_duplicates``), its MAPQ < ``min_mapq``, it is
-    secondary or supplementary (with ``skip_secondary``), or it has no (or an
-    empty) value. stats: [records, counted, duplicate, low_mapq, secondary,
-    supplementary, missing_tag]. Returns the offset of the first incomplete record.
+    A record is skipped (the first reason counted) if it is a duplicate (with
+    ``skip_duplicates``), its MAPQ < ``min_mapq``, it is secondary or
+    supplementary (with ``skip_secondary``), or it has no (or an empty) value.
+    ``run()`` returns (ValueTable of value → reads, {COUNT_STATS: n}, tags seen).
     """
-    cdef Py_ssize_t pos = start, n = buf.shape[0]
-    cdef const uint8_t *base = &buf[0] if n else NULL
-    cdef const uint8_t *rec
-    cdef const uint8_t *tv
-    cdef uint32_t bs
-    cdef uint16_t flag
-    cdef const char *t = tag
-    cdef PyObject *old
-    while pos + 4 <= n:
-        bs = _u32(base + pos)
-        if bs < 32:
-            raise ValueError(f"corrupt BAM record {stats[0]} (block_size {bs})")
-        if pos + 4 + bs > n:
-            break
-        rec = base + pos + 4
-        pos += 4 + bs
-        stats[0] += 1
-        flag = rec[14] | (rec[15] << 8)
-        if skip_duplicates and flag & 0x400:
-            stats[2] += 1
-            continue
-        if rec[9] < min_mapq:
-            stats[3] += 1
-            continue
-        if skip_secondary and flag & 0x100:
-            stats[4] += 1
-            continue
-        if skip_secondary and flag & 0x800:
-            stats[5] += 1
-            continue
-        try:
-            tv = _find_tag(rec, bs, t)
-            value = None if tv == NULL else _value_bytes(tv, rec + bs)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"record {stats[0] - 1} ({_read_name(rec, bs)}): {e}") from None
-        if value is None:
-            stats[6] += 1
-            continue
-        stats[1] += 1
-        old = PyDict_GetItem(counts, value)
-        if old == NULL:
-            PyDict_SetItem(counts, value, 1)
-        else:
-            PyDict_SetItem(counts, value, <object> old + 1)
-    return pos
+    cdef RecordReader reader
+    cdef Tags tag
+    cdef object source
+    cdef bint skip_secondary
+    cdef bint skip_duplicates
+    cdef int min_mapq
+    cdef Scratch key
 
+    def __cinit__(self, int in_fd, tag, *, bint skip_secondary=True, bint skip_duplicates=False, int min_mapq=0,
+                  source="", progress=None, Py_ssize_t buffer_size=1 << 20):
+        self.reader = RecordReader(in_fd, source, False, progress, buffer_size, True)
+        self.tag = Tags([tag])
+        self.source = source
+        self.skip_secondary = skip_secondary
+        self.skip_duplicates = skip_duplicates
+        self.min_mapq = min_mapq
 
-def correct_records(const uint8_t[:] buf not None, Py_ssize_t start, bytes tag_in, bytes qual_tag,
-                    bytes tag_out, dict cache, object resolve, bytes marker_name, long long[:] stats not None):
-    """Add ``tag_out``:Z to the complete records of ``buf[start:]`` that have ``tag_in``.
+    def __dealloc__(self):
+        scratch_free(&self.key)
 
-    The value comes from ``cache[raw]`` or else ``resolve(raw, qualities or
-    None)``: a tuple (code, value or None), code 0 exact, 1 corrected, 2
-    ambiguous, 3 uncorrectable. Records named ``marker_name`` pass unchanged
-    and uncounted. stats: [records, exact, corrected, ambiguous,
-    uncorrectable, missing_tag, markers]. Returns (offset of the first
-    incomplete record, output bytes).
-    """
-    cdef Py_ssize_t pos = start, n = buf.shape[0], vlen, mlen = len(marker_name)
-    cdef const uint8_t *base = &buf[0] if n else NULL
-    cdef const uint8_t *rec
-    cdef const uint8_t *tv
-    cdef const uint8_t *qv
-    cdef uint32_t bs
-    cdef Out o
-    cdef PyObject *hit
-    cdef int code
-    cdef const char *tin = tag_in
-    cdef const char *tq = qual_tag
-    cdef const char *tout = tag_out
-    o.data = NULL
-    o.used = 0
-    o.cap = 0
-    try:
-        _out_reserve(&o, n - start + 1024)
-        while pos + 4 <= n:
-            bs = _u32(base + pos)
-            if bs < 32:
-                raise ValueError(f"corrupt BAM record {stats[0]} (block_size {bs})")
-            if pos + 4 + bs > n:
-                break
-            rec = base + pos + 4
-            if rec[8] == mlen + 1 and 32 + mlen < bs and memcmp(rec + 32, <const char *> marker_name, mlen) == 0:
-                stats[6] += 1
-                _out_reserve(&o, 4 + bs)
-                memcpy(o.data + o.used, base + pos, 4 + bs)
-                o.used += 4 + bs
-                pos += 4 + bs
-                continue
+    def run(self):
+        cdef Rec r
+        cdef const uint8_t *found[1]
+        cdef const BamCore *c
+        cdef long long stats[7]
+        cdef int k
+        cdef ValueTable table = ValueTable()
+        for k in range(7):
+            stats[k] = 0
+        self.reader.read_header()
+        self.reader.release()
+        while self.reader.next(&r, self.tag, found) != STREAM_END:
+            self.reader.release()
             stats[0] += 1
-            try:
-                if _find_tag(rec, bs, tout) != NULL:
-                    raise ValueError(f"already has a {tag_out.decode()} tag")
-                tv = _find_tag(rec, bs, tin)
-                if tv != NULL and tv[0] != 90:
-                    raise ValueError(f"tag {tag_in.decode()} is not a string (type {chr(tv[0])})")
-                qv = NULL
-                if tv != NULL:
-                    qv = _find_tag(rec, bs, tq)
-                    if qv != NULL and qv[0] != 90:
-                        raise ValueError(f"tag {qual_tag.decode()} is not a string (type {chr(qv[0])})")
-            except ValueError as e:
-                raise ValueError(f"record {stats[0] - 1} ({_read_name(rec, bs)}): {e}") from None
+            c = core_of(r.data)
+            if self.skip_duplicates and c.flag & 0x400:
+                stats[2] += 1
+            elif c.mapq < self.min_mapq:
+                stats[3] += 1
+            elif self.skip_secondary and c.flag & 0x100:
+                stats[4] += 1
+            elif self.skip_secondary and c.flag & 0x800:
+                stats[5] += 1
+            elif self.tag.key_of(&self.key, found, self.source, self.reader.records - 1, &r) != KEY_FOUND:
+                stats[6] += 1
+            else:
+                stats[1] += 1
+                table.tally(self.key.data, self.key.used)
+        self.reader.report()
+        return table, {COUNT_STATS[k]: stats[k] for k in range(7)}, self.reader.tags_seen
+
+
+# -- correcting cell barcodes ----------------------------------------------------------
+
+CORRECT_STATS = ("records", "exact", "corrected", "ambiguous", "uncorrectable", "missing_tag", "frames")
+
+
+cdef class Corrector:
+    """Add ``tag_out``:Z to the records of the raw BAM stream on ``in_fd`` that
+    have ``tag_in``, writing every record (and every chunk-end frame) to ``out_fd``.
+
+    The value comes from a cache of quality-independent answers or else
+    ``resolve(raw, qualities or None)``: a tuple (code, value or None,
+    cacheable), code 0 exact, 1 corrected, 2 ambiguous, 3 uncorrectable.
+    """
+    cdef RecordReader reader
+    cdef OutBufs outs
+    cdef uint16_t tag_in
+    cdef uint16_t qual_tag
+    cdef uint16_t tag_out
+    cdef bytes tag_out_bytes
+    cdef object resolve
+    cdef ValueTable cache
+    cdef list answers             # cache slot's output number → (code, value)
+    cdef object source
+
+    def __cinit__(self, int in_fd, int out_fd, tag_in, qual_tag, tag_out, resolve, *, source="", progress=None,
+                  Py_ssize_t buffer_size=1 << 20, Py_ssize_t out_buffer_size=1 << 20):
+        cdef Tags t = Tags([tag_in, qual_tag, tag_out])
+        self.reader = RecordReader(in_fd, source, True, progress, buffer_size)
+        self.outs = OutBufs([out_fd], out_buffer_size)
+        self.tag_in = t.codes[0]
+        self.qual_tag = t.codes[1]
+        self.tag_out = t.codes[2]
+        self.tag_out_bytes = t.names[2].encode()
+        self.resolve = resolve
+        self.cache = ValueTable()
+        self.answers = []
+        self.source = source
+
+    cdef str _string_tag(self, const uint8_t *tv, uint16_t code, long long index, const Rec *r):
+        if tv != NULL and tv[0] != b'Z':
+            raise ValueError(f"{describe(self.source, index, r)}: tag {chr(code & 0xFF)}{chr(code >> 8)} "
+                             f"is not a string (type {chr(tv[0])})")
+        return None
+
+    def run(self):
+        """Returns {CORRECT_STATS: n}."""
+        cdef Rec r
+        cdef const uint8_t *tv
+        cdef const uint8_t *qv
+        cdef OutBuf *out = &self.outs.bufs[0]
+        cdef long long stats[7]
+        cdef long long index
+        cdef Py_ssize_t vlen, slot, k
+        cdef int code, got
+        cdef uint8_t head[4]
+        cdef object answer, value
+        for k in range(7):
+            stats[k] = 0
+        self.reader.read_header()
+        out_put(out, <const char *> self.reader.header(), self.reader.header_len)
+        self.reader.release()
+        while True:
+            got = self.reader.next(&r, None, NULL)
+            if got == STREAM_END:
+                break
+            if got == GOT_FRAME:
+                stats[6] += 1
+                out_put(out, b"\0\0\0\0", 4)
+                self.reader.release()
+                continue
+            index = self.reader.records - 1
+            stats[0] += 1
+            if find_tag(&r, self.tag_out) != NULL:
+                raise ValueError(f"{describe(self.source, index, &r)}: already has a "
+                                 f"{self.tag_out_bytes.decode()} tag")
+            tv = find_tag(&r, self.tag_in)
+            self._string_tag(tv, self.tag_in, index, &r)
             value = None
             if tv == NULL or tv[1] == 0:
                 stats[5] += 1
             else:
-                raw = PyBytes_FromStringAndSize(<const char *> tv + 1, _tag_size(tv, rec + bs) - 1)
-                hit = PyDict_GetItem(cache, raw)
-                if hit != NULL:
-                    result = <object> hit
+                vlen = <Py_ssize_t> strlen(<const char *> tv + 1)
+                slot = self.cache.lookup(tv + 1, vlen)
+                if slot >= 0:
+                    answer = <object> PyList_GET_ITEM(self.answers, self.cache.slots[slot].out)
                 else:
-                    qual = None if qv == NULL else PyBytes_FromStringAndSize(<const char *> qv + 1, _tag_size(qv, rec + bs) - 1)
+                    qv = find_tag(&r, self.qual_tag)
+                    self._string_tag(qv, self.qual_tag, index, &r)
+                    raw = (<const char *> tv + 1)[:vlen]
+                    qual = None if qv == NULL else (<const char *> qv + 1)[:strlen(<const char *> qv + 1)]
                     try:
-                        result = resolve(raw, qual)
+                        code, value, cacheable = self.resolve(raw, qual)
                     except ValueError as e:
-                        raise ValueError(f"record {stats[0] - 1} ({_read_name(rec, bs)}): {e}") from None
-                code = result[0]
-                value = result[1]
+                        raise ValueError(f"{describe(self.source, index, &r)}: {e}") from None
+                    answer = (code, value)
+                    if cacheable:
+                        self.cache.insert(tv + 1, vlen, _hash(tv + 1, vlen), len(self.answers))
+                        self.answers.append(answer)
+                code = answer[0]
+                value = answer[1]
                 stats[1 + code] += 1
             if value is None:
-                _out_reserve(&o, 4 + bs)
-                memcpy(o.data + o.used, base + pos, 4 + bs)
-                o.used += 4 + bs
+                out_put(out, <const char *> r.data - 4, 4 + r.size)
             else:
                 vlen = len(<bytes> value)
-                _out_reserve(&o, 4 + bs + vlen + 4)
-                _put_u32(o.data + o.used, bs + <uint32_t> vlen + 4)
-                memcpy(o.data + o.used + 4, rec, bs)
-                o.used += 4 + bs
-                o.data[o.used] = tout[0]
-                o.data[o.used + 1] = tout[1]
-                o.data[o.used + 2] = 90
-                memcpy(o.data + o.used + 3, <const char *> (<bytes> value), vlen)
-                o.data[o.used + 3 + vlen] = 0
-                o.used += vlen + 4
-            pos += 4 + bs
-        return pos, PyBytes_FromStringAndSize(<const char *> o.data, o.used)
-    finally:
-        free(o.data)
+                put_u32(head, r.size + <uint32_t> vlen + 4)
+                out_put(out, <const char *> head, 4)
+                out_put(out, <const char *> r.data, r.size)
+                out_put(out, <const char *> self.tag_out_bytes, 2)
+                out_put(out, b"Z", 1)
+                out_put(out, <const char *> (<bytes> value), vlen + 1)  # with the bytes' NUL
+            out.records += 1
+            self.reader.release()
+        out_flush(out)
+        self.reader.report()
+        return {CORRECT_STATS[k]: stats[k] for k in range(7)}
+
+
+cdef inline uint64_t _hash(const uint8_t *key, Py_ssize_t n) noexcept:
+    return fnv1a64(key, n)
 
 
 # -- whitelist: 2-bit packed, sorted uint64 ------------------------------------------------

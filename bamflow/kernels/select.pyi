@@ -1,11 +1,14 @@
 from collections.abc import Callable, Iterable
 from typing import Any, TypedDict
 
+from bamflow.kernels._records import ValueTable
+
 class FilterStats(TypedDict):
     records_in: int
     kept: int
     dropped_not_listed: int
     dropped_missing_tag: int
+    tags_seen: list[str]
 
 class SplitStats(TypedDict):
     records: int
@@ -13,35 +16,44 @@ class SplitStats(TypedDict):
     not_selected: int
     below_min_reads: int
     flushes: int
+    tags_seen: list[str]
     outputs: list[tuple[int, bytes | None, int, bool]]
 
-class ValueSet:
-    def __init__(self, values: bytes | Iterable[bytes | str] | None = None, *, sep: bytes = b"\n") -> None: ...
-    def __len__(self) -> int: ...
-    def __contains__(self, value: bytes | str) -> bool: ...
-    def add(self, value: bytes | str, out: int = -1) -> bool: ...
-    def add_values(
-        self, blob: bytes | bytearray | memoryview, sep: bytes = b"\n", out: int = -1,
-        strip_cr: bool = True, skip_empty: bool = True,
-    ) -> int: ...
-    def output_of(self, value: bytes | str) -> int: ...
-    def value_at(self, k: int) -> bytes: ...
-    def values(self) -> list[bytes]: ...
+class Filter:
+    def __init__(
+        self, in_fd: int, out_fd: int, values: ValueTable, tags: Iterable[str | bytes], invert: bool = False, *,
+        source: str = "", progress: memoryview | None = None, buffer_size: int = 1 << 20,
+        out_buffer_size: int = 1 << 20,
+    ) -> None: ...
+    def run(self) -> FilterStats: ...
+
+class Splitter:
+    def __init__(
+        self,
+        in_fd: int,
+        tags: Iterable[str | bytes],
+        flush: Callable[[int, bytes | None, bytes], object],
+        header: Callable[[bytes], object] | None = None,
+        selected: ValueTable | None = None,
+        *,
+        flush_size: int = 1 << 16,
+        memory_budget: int = 128 << 20,
+        min_reads: int = 0,
+        drop_below: bool = True,
+        source: str = "",
+        progress: memoryview | None = None,
+        buffer_size: int = 1 << 20,
+    ) -> None: ...
+    def run(self) -> SplitStats: ...
 
 def filter_records(
-    in_fd: int, out_fd: int, values: ValueSet, tag: bytes | str | Iterable[bytes | str] = b"CB",
-    invert: bool = False, *, buffer_size: int = 1 << 20, out_buffer_size: int = 1 << 20,
-) -> dict[str, Any]: ...
+    in_fd: int, out_fd: int, values: ValueTable, tags: Iterable[str | bytes], invert: bool = False, **kwargs: Any
+) -> FilterStats: ...
 def split_records(
     in_fd: int,
-    tag: bytes | str | Iterable[bytes | str],
+    tags: Iterable[str | bytes],
     flush: Callable[[int, bytes | None, bytes], object],
     header: Callable[[bytes], object] | None = None,
-    selected: ValueSet | None = None,
-    *,
-    flush_size: int = 1 << 16,
-    memory_budget: int = 128 << 20,
-    min_reads: int = 0,
-    drop_below: bool = True,
-    buffer_size: int = 1 << 20,
-) -> dict[str, Any]: ...
+    selected: ValueTable | None = None,
+    **kwargs: Any,
+) -> SplitStats: ...

@@ -23,9 +23,10 @@ Every read is written (tagged or not): ``reads_in == written``, and
 STARsolo's plain ``1MM_multi`` uses no pseudocount (candidates need >= 1
 exact read): ``pseudocount=0`` gives that.
 
-Two passes: (1) count raw barcodes with the ``count_tag_values`` kernel
-(histogram.count_values), (2) BAM_reader → distribute_bam (round-robin,
-chunk markers) → ``workers`` × kernel ``correct_records`` → collect_bam
+Two passes: (1) count raw barcodes with the ``TagCounter`` kernel
+(histogram.count_values), (2) a scatter: BAM_reader → distribute_bam
+(round-robin, chunk-end frames) → ``workers`` × kernel
+:class:`~bamflow.kernels.presets.Corrector` (frames passed on) → collect_bam
 (input order) → BAM_writer (one @PG).
 """
 
@@ -36,13 +37,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import WorkflowError
-from ..fifo import FIFO
-from ..workflow import Workflow
-from .histogram import count_values, process_records, read_header
+from ..bam.options import CollectOptions, DecodeOptions, DistributeOptions, EncodeOptions, parse_tags
+from ..bam.workflow import BamWorkflow
+from ..engine import progress
+from ..engine.errors import WorkflowError
+from ..engine.files import open_for_reading, open_for_writing
+from ..kernels.presets import CORRECT_STATS, Corrector
+from .histogram import count_values
 
-CORRECT_STATS = ("records", "exact", "corrected", "ambiguous", "uncorrectable", "missing_tag", "markers")
 EXACT, CORRECTED, AMBIGUOUS, UNCORRECTABLE = 0, 1, 2, 3
+CHUNK_SIZE = 2000  # reads a worker gets at a time
 
 
 def load_whitelist(path: str | os.PathLike[str]) -> Any:
@@ -91,20 +95,17 @@ class Resolver:
         self.suffix = suffix
         self.pseudocount = pseudocount
         self.threshold = threshold
-        self.cache: dict[bytes, tuple[int, bytes | None]] = {}
         self.candidates: dict[bytes, list[tuple[int, bytes, float]]] = {}
 
-    def __call__(self, raw: bytes, qual: bytes | None) -> tuple[int, bytes | None]:
+    def __call__(self, raw: bytes, qual: bytes | None) -> tuple[int, bytes | None, bool]:
+        """(code, CB value or None, whether the answer holds whatever the qualities)."""
         cands = self.candidates.get(raw)
         if cands is None:
             if raw in self.wl:
-                result = (EXACT, raw + self.suffix)
-                self.cache[raw] = result
-                return result
+                return EXACT, raw + self.suffix, True
             cands = [(pos, c, self.counts.get(c, 0) + self.pseudocount) for pos, c in self.wl.neighbors(raw)]
             if not cands or not any(prior > 0 for _, _, prior in cands):
-                self.cache[raw] = (UNCORRECTABLE, None)
-                return UNCORRECTABLE, None
+                return UNCORRECTABLE, None, True
             if len(self.candidates) > 2_000_000:
                 self.candidates.clear()
             self.candidates[raw] = cands
@@ -119,38 +120,23 @@ class Resolver:
             if likelihood > best_l:
                 best_l, best = likelihood, c
         if best is not None and best_l / total > self.threshold:
-            return CORRECTED, best + self.suffix
-        return AMBIGUOUS, None
+            return CORRECTED, best + self.suffix, False
+        return AMBIGUOUS, None, False
 
 
-def correct_worker(input: Any, output: Any, resolver: Resolver, tag_in: bytes, qual_tag: bytes,
-                   tag_out: bytes) -> dict[str, int]:
-    """A job: add ``tag_out`` to the records of a raw BAM stream (chunk markers pass through)."""
-    from array import array
-
-    from ..kernels.bam import CHUNK_END_NAME
-    from ..kernels.presets import correct_records
-
-    stats = array("q", [0] * len(CORRECT_STATS))
-    header, rest = read_header(input)
-    output.write(header.to_bytes())
-    output.flush()
-
-    def kernel(buf: bytes, start: int) -> int:
-        end, out = correct_records(buf, start, tag_in, qual_tag, tag_out, resolver.cache, resolver, CHUNK_END_NAME, stats)
-        if out:
-            output.write(out)
-            output.flush()
-        return end
-
-    process_records(input, rest, kernel)
-    return dict(zip(CORRECT_STATS, stats, strict=True))
-
-
-def _check_tag(name: str, tag: str) -> bytes:
-    if len(tag) != 2 or not tag.isascii():
-        raise ValueError(f"{name}: a BAM tag has two characters, not {tag!r}")
-    return tag.encode()
+def correct_worker(input: str, output: str, resolver: Resolver, tags: tuple[str, str, str]) -> dict[str, int]:
+    """A job: add the corrected tag to the records of a raw BAM stream (kernel
+    Corrector; chunk-end frames pass through)."""
+    in_fd = open_for_reading(input)
+    try:
+        out_fd = open_for_writing(output)
+        try:
+            stats = Corrector(in_fd, out_fd, *tags, resolver, progress=progress.current().slot).run()
+        finally:
+            os.close(out_fd)
+    finally:
+        os.close(in_fd)
+    return {**stats, "reads_in": stats["records"], "written": stats["records"]}
 
 
 def _describe(whitelist: Any) -> str:
@@ -184,7 +170,7 @@ def correct(
     """
     from ..kernels.presets import Whitelist
 
-    tin, tq, tout = _check_tag("tag_in", tag_in), _check_tag("qual_tag", qual_tag), _check_tag("tag_out", tag_out)
+    tags = parse_tags([tag_in, qual_tag, tag_out])
     if workers < 1:
         raise ValueError(f"workers must be >= 1, not {workers}")
     t0 = time.perf_counter()
@@ -199,29 +185,31 @@ def correct(
     resolver = Resolver(wl, exact_counts, suffix.encode(), pseudocount, threshold)
 
     # pass 2
-    w = Workflow("correct")
-    w.BAM_reader(input=os.fspath(input), output=FIFO("decoded", "wb"), threads=threads)
-    w.distribute_bam(
-        input=FIFO("decoded", "rb"), outputs=FIFO("share{n}", "wb", n=workers),
-        header_fifo=FIFO("header", "wb"), mark_chunks=True, chunk_size=2000,
-    )
-    w.workers(input=FIFO("share{n}", "rb"), output=FIFO("fixed{n}", "wb"), func=correct_worker, n=workers,
-              resolver=resolver, tag_in=tin, qual_tag=tq, tag_out=tout)
-    w.collect_and_write_bam(
-        FIFO("fixed{n}", "rb", n=workers), os.fspath(output), order="input", level=level, threads=threads,
-        command_line=command_line or f"bamflow correct (Python API) whitelist={_describe(whitelist)}",
+    w = BamWorkflow("correct")
+    jobs = w.scatter(
+        os.fspath(input),
+        correct_worker,
+        workers=workers,
+        distribute=DistributeOptions(chunk_size=CHUNK_SIZE, frame_chunks=True),
+        worker_kwargs=dict(resolver=resolver, tags=tags),
+        decode=DecodeOptions(threads),
+        output=os.fspath(output),
+        collect=CollectOptions("input"),
+        encode=EncodeOptions(
+            **({} if level is None else {"level": level}), threads=threads,
+            command_line=command_line or f"bamflow correct (Python API) whitelist={_describe(whitelist)}",
+        ),
     )
     stats: dict[str, Any] = {}
 
-    def check(w: Workflow) -> None:
+    def check(w: BamWorkflow) -> None:
         """The books, before the output appears."""
-        dealt = w.result_dict["correct.dist0"]["records"]
-        collected = w.result_dict["correct.collect0"]["records"]
-        per_worker = w.results("correct.worker*")
+        flow = jobs.check_flow(w)
+        per_worker = flow["per_worker"]
         totals = {k: sum(p[k] for p in per_worker) for k in CORRECT_STATS}
         stats.update({
-            "reads_in": dealt,
-            "written": collected,
+            "reads_in": flow["reads_in"],
+            "written": flow["collected"],
             "dropped": {},
             **{k: totals[k] for k in CORRECT_STATS[1:6]},
             "whitelist": len(wl),
@@ -230,11 +218,10 @@ def correct(
             "per_worker": per_worker,
         })
         by_outcome = sum(totals[k] for k in CORRECT_STATS[1:6])
-        encoded = w.result_dict["correct.BAM_writer0"]["records"]
-        if not (dealt == totals["records"] == collected == by_outcome == encoded):
+        if not (flow["reads_in"] == totals["records"] == flow["collected"] == by_outcome):
             raise WorkflowError(
-                f"reads do not add up: {dealt} in, {totals['records']} seen by the workers, {collected} written, "
-                f"{by_outcome} by outcome {totals}"
+                f"reads do not add up: {flow['reads_in']} in, {totals['records']} seen by the workers, "
+                f"{flow['collected']} written, {by_outcome} by outcome {totals}"
             )
 
     w.run(check=check, on_progress=on_progress)

@@ -24,8 +24,11 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from ..errors import WorkflowError
-from .dedup import ReadKeys, build_cell_sharded, gather
+from ..bam.options import DecodeOptions
+from ..bam.workflow import BamWorkflow
+from ..engine.errors import WorkflowError
+from ..engine.publish import Publication
+from .dedup import ReadKeys, by_cell, gather, unassigned_worker
 from .umi import METHODS, cluster_umis
 
 log = logging.getLogger("bamflow")
@@ -73,7 +76,8 @@ def count_worker(
                 except KeyError:
                     pass
     counts = {cell: {gene: len(cluster_umis(u, method)) for gene, u in genes.items()} for cell, genes in umis.items()}
-    return {"reads_in": reads_in, "counted": counted, "dropped": dropped, "counts": counts, "names": names}
+    return {"reads_in": reads_in, "written": None, "counted": counted, "dropped": dropped, "counts": counts,
+            "names": names}
 
 
 def _read_cells(cells: Sequence[str] | str | os.PathLike[str]) -> list[str]:
@@ -85,25 +89,9 @@ def _read_cells(cells: Sequence[str] | str | os.PathLike[str]) -> list[str]:
     return [str(c) for c in cells]
 
 
-def _atomic(path: str, write: Callable[[str], None]) -> None:
-    temp = f"{path}.bamflow-tmp"
-    try:
-        write(temp)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
-
-
-def _gz_lines(path: str, lines: Iterable[str]) -> None:
-    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
-        for line in lines:
-            f.write(line.encode())
-
-
 def write_mtx(
-    out: str, genes: list[str], names: dict[str, str], cells: list[str], counts: dict[str, dict[str, int]]
+    pub: Publication, out: str, genes: list[str], names: dict[str, str], cells: list[str],
+    counts: dict[str, dict[str, int]],
 ) -> dict[str, str]:
     """10x layout: matrix.mtx.gz (genes × cells), barcodes.tsv.gz, features.tsv.gz."""
     gene_index = {g: i + 1 for i, g in enumerate(genes)}
@@ -113,37 +101,26 @@ def write_mtx(
         for g, n in sorted(counts.get(cell, {}).items(), key=lambda gn: gene_index[gn[0]])
         if n
     ]
-
-    def matrix_lines() -> Iterable[str]:
-        yield "%%MatrixMarket matrix coordinate integer general\n"
-        yield '%metadata_json: {"software_version": "bamflow", "format_version": 2}\n'
-        yield f"{len(genes)} {len(cells)} {len(entries)}\n"
-        for i, j, n in entries:
-            yield f"{i} {j} {n}\n"
-
     paths = {name: os.path.join(out, name) for name in ("matrix.mtx.gz", "barcodes.tsv.gz", "features.tsv.gz")}
-    _atomic(paths["matrix.mtx.gz"], lambda p: _gz_lines(p, matrix_lines()))
-    _atomic(paths["barcodes.tsv.gz"], lambda p: _gz_lines(p, (f"{c}\n" for c in cells)))
-    _atomic(paths["features.tsv.gz"], lambda p: _gz_lines(p, (f"{g}\t{names.get(g, g)}\tGene Expression\n" for g in genes)))
+    with pub.open(paths["matrix.mtx.gz"]) as f:
+        f.write("%%MatrixMarket matrix coordinate integer general\n")
+        f.write('%metadata_json: {"software_version": "bamflow", "format_version": 2}\n')
+        f.write(f"{len(genes)} {len(cells)} {len(entries)}\n")
+        f.writelines(f"{i} {j} {n}\n" for i, j, n in entries)
+    pub.write_tsv(paths["barcodes.tsv.gz"], None, ((c,) for c in cells))
+    pub.write_tsv(paths["features.tsv.gz"], None, ((g, names.get(g, g), "Gene Expression") for g in genes))
     return paths
 
 
-def write_tsv(path: str, counts: dict[str, dict[str, int]]) -> str:
+def write_tsv(pub: Publication, path: str, counts: dict[str, dict[str, int]]) -> str:
     """umi_tools count --per-cell long format: gene, cell, count; sorted by gene then cell."""
     rows = sorted((g, c, n) for c, genes in counts.items() for g, n in genes.items() if n)
-
-    def write(temp: str) -> None:
-        with open(temp, "w", encoding="utf-8") as f:
-            f.write("gene\tcell\tcount\n")
-            for g, c, n in rows:
-                f.write(f"{g}\t{c}\t{n}\n")
-
-    _atomic(path, write)
-    return path
+    return pub.write_tsv(path, ("gene", "cell", "count"), rows)
 
 
 def write_h5ad(
-    path: str, genes: list[str], names: dict[str, str], cells: list[str], counts: dict[str, dict[str, int]]
+    pub: Publication, path: str, genes: list[str], names: dict[str, str], cells: list[str],
+    counts: dict[str, dict[str, int]],
 ) -> str | None:
     """cells × genes AnnData (CSR, int32), var: gene_ids, gene_names; None without anndata."""
     try:
@@ -168,7 +145,7 @@ def write_h5ad(
         obs=pd.DataFrame(index=pd.Index(cells, name="barcode")),
         var=pd.DataFrame({"gene_ids": genes, "gene_names": [names.get(g, g) for g in genes]}, index=pd.Index(genes, name="gene")),
     )
-    _atomic(path, lambda p: adata.write_h5ad(p))
+    adata.write_h5ad(pub.path(path))
     return path
 
 
@@ -213,12 +190,13 @@ def count(
         raise ValueError(f"unknown formats {sorted(unknown)}; choose from {', '.join(FORMATS)}")
     input, out = os.fspath(input), os.fspath(out)
     os.makedirs(out, exist_ok=True)
-    w = build_cell_sharded(
-        "count",
+    w = BamWorkflow("count", start_method=start_method)
+    jobs = w.scatter(
         input,
-        None,
         count_worker,
-        dict(
+        workers=workers,
+        distribute=by_cell(cell_tag),
+        worker_kwargs=dict(
             method=method,
             umi_tag=umi_tag,
             cell_tag=cell_tag,
@@ -226,15 +204,25 @@ def count(
             name_tag=name_tag if name_tag != gene_tag else None,
             gene_filter=gene_filter,
         ),
-        cell_tag=cell_tag,
-        umi=f"tag:{umi_tag}",
-        workers=workers,
-        threads=threads,
-        level=None,
-        start_method=start_method,
+        decode=DecodeOptions(threads),
+        unassigned_worker=unassigned_worker,
+        unassigned_kwargs=dict(umi=f"tag:{umi_tag}", cell_tag=cell_tag),
     )
-    w.run(timeout=timeout, on_progress=on_progress)
-    reads_in, merged, per_worker = gather(w)
+    pub = Publication()
+    with pub:
+        w.run(timeout=timeout, on_progress=on_progress, publication=pub)
+        stats = _count_outputs(pub, w, jobs, out, method, cells, min_umis, formats)
+        pub.commit()
+    log.info("count %s → %s: %s", input, out, {k: v for k, v in stats.items() if k != "per_worker"})
+    return stats
+
+
+def _count_outputs(
+    pub: Publication, w: BamWorkflow, jobs: Any, out: str, method: str,
+    cells: Sequence[str] | str | os.PathLike[str] | None, min_umis: int | None, formats: Sequence[str],
+) -> dict[str, Any]:
+    """Check the books, write the outputs into ``pub``; returns the stats."""
+    reads_in, merged, per_worker = gather(w, jobs)
     counts: dict[str, dict[str, int]] = {str(c): g for c, g in merged.get("counts", {}).items()}
     names: dict[str, str] = {}  # per worker: merging would concatenate a name seen by two workers
     for r in per_worker:
@@ -257,11 +245,11 @@ def count(
 
     outputs: dict[str, str] = {}
     if "mtx" in formats:
-        outputs.update(write_mtx(out, genes, names, columns, selected))
+        outputs.update(write_mtx(pub, out, genes, names, columns, selected))
     if "tsv" in formats:
-        outputs["counts.tsv"] = write_tsv(os.path.join(out, "counts.tsv"), selected)
+        outputs["counts.tsv"] = write_tsv(pub, os.path.join(out, "counts.tsv"), selected)
     if "h5ad" in formats:
-        path = write_h5ad(os.path.join(out, "counts.h5ad"), genes, names, columns, selected)
+        path = write_h5ad(pub, os.path.join(out, "counts.h5ad"), genes, names, columns, selected)
         if path is not None:
             outputs["counts.h5ad"] = path
     stats = {
@@ -276,7 +264,6 @@ def count(
         "method": method,
         "per_worker": [{k: v for k, v in r.items() if k not in ("counts", "names")} for r in per_worker],
     }
-    log.info("count %s → %s: %s", input, out, {k: v for k, v in stats.items() if k != "per_worker"})
     return stats
 
 

@@ -33,9 +33,13 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import WorkflowError
-from ..fifo import FIFO
-from ..workflow import Workflow, merge_counts
+from ..bam.header import command_line as process_command_line
+from ..bam.header import read_file_header
+from ..bam.options import CollectOptions, DecodeOptions, DistributeOptions, EncodeOptions
+from ..bam.stages import raw_writer
+from ..bam.workflow import BamWorkflow, Scatter
+from ..engine.errors import WorkflowError
+from ..engine.workflow import merge_counts
 from .umi import METHODS, cluster_umis
 
 log = logging.getLogger("bamflow")
@@ -189,8 +193,7 @@ def dedup_worker(
     reads_in = kept = duplicates = groups_n = 0
     with pysam.AlignmentFile(input, "rb", check_sq=False) as reads:
         sorted_input = reads.header.to_dict().get("HD", {}).get("SO") == "coordinate"
-        out = pysam.AlignmentFile(output, "wbu", header=reads.header)
-        out.flush()  # the header now: the merging collector reads every header first
+        out = raw_writer(output, reads.header)
         groups: dict[Any, _Group] = {}
         pending: deque[tuple[Any, _Group | None]] = deque()  # reads in input order
 
@@ -254,6 +257,7 @@ def dedup_worker(
         raise WorkflowError(f"dedup worker: {len(pending)} reads left undecided")  # cannot happen
     return {
         "reads_in": reads_in,
+        "written": out.records,
         "kept": kept,
         "duplicates": duplicates,
         "dropped": dropped,
@@ -270,10 +274,7 @@ def unassigned_worker(input: str, output: str | None, *, umi: str, cell_tag: str
     dropped: dict[str, int] = {}
     reads_in = 0
     with pysam.AlignmentFile(input, "rb", check_sq=False) as reads:
-        out = None
-        if output is not None:
-            out = pysam.AlignmentFile(output, "wbu", header=reads.header)
-            out.flush()
+        out = raw_writer(output, reads.header) if output is not None else None
         for read in reads:
             reads_in += 1
             reason = keys(read)[0] or "no_cell"  # it has no cell tag, whatever else it has
@@ -282,101 +283,36 @@ def unassigned_worker(input: str, output: str | None, *, umi: str, cell_tag: str
                 out.write(read)
         if out is not None:
             out.close()
-    return {"reads_in": reads_in, "dropped": dropped}
+    return {"reads_in": reads_in, "written": out.records if out is not None else None, "dropped": dropped}
 
 
 # -- the workflow ---------------------------------------------------------------------------
 
 
-def build_cell_sharded(
-    name: str,
-    input: str,
-    output: str | None,
-    worker: Callable[..., Any],
-    worker_kwargs: dict[str, Any],
-    *,
-    cell_tag: str | None,
-    umi: str,
-    workers: int,
-    threads: int,
-    level: int | str | None,
-    order: str = "coordinate",
-    pass_unassigned: bool = False,
-    start_method: str | None = None,
-    command_line: str | None = None,
-) -> Workflow:
-    """decode → distribute by ``cell_tag`` (or everything to one worker when
-    ``cell_tag`` is None) → workers → [collect → encode]; reads without the
-    cell tag go to an unassigned worker that counts why (and passes them on
-    to the output when ``pass_unassigned``)."""
-    from ..bam.header import command_line as process_command_line
-
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, not {workers}")
+def by_cell(cell_tag: str | None) -> DistributeOptions:
+    """Whole cells per worker (reads without the cell tag to the unassigned
+    worker), or everything to one worker when the cell does not come from a tag."""
     if cell_tag is None:
-        workers = 1
-    w = Workflow(name, start_method=start_method)
-    w.BAM_reader(input=input, output=FIFO("decoded", "wb"), threads=threads)
-    by_cell = cell_tag is not None
-    w.distribute_bam(
-        input=FIFO("decoded", "rb"),
-        outputs=FIFO("share{n}", "wb", n=workers),
-        by=[cell_tag.encode()] if cell_tag is not None else None,
-        missing="unassigned" if by_cell else "error",
-        unassigned=FIFO("unassigned", "wb") if by_cell else None,
-        header_fifo=FIFO("header", "wb") if output is not None else None,
-    )
-    n_out = workers + (1 if by_cell and pass_unassigned else 0)
-    w.workers(
-        input=FIFO("share{n}", "rb"),
-        output=FIFO("mapped{n}", "wb") if output is not None else None,
-        func=worker,
-        n=workers,
-        manage_fifos=False,
-        **worker_kwargs,
-    )
-    if by_cell:
-        w.add_job(
-            func=unassigned_worker,
-            job_name="{workflow}.unassigned{n}",
-            manage_fifos=False,
-            input=FIFO("unassigned", "rb"),
-            output=FIFO(f"mapped{workers}", "wb") if output is not None and pass_unassigned else None,
-            umi=umi,
-            cell_tag=cell_tag,
-        )
-    if output is not None:
-        w.collect_and_write_bam(
-            FIFO("mapped{n}", "rb", n=n_out),
-            output,
-            order=order,
-            level=level,
-            threads=threads,
-            command_line=command_line or process_command_line(),
-        )
-    return w
+        return DistributeOptions()
+    return DistributeOptions(by=cell_tag, missing="unassigned")
+
+
+def gather(w: BamWorkflow, jobs: Scatter) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
+    """(reads in, merged worker results, per-worker results) of a cell-sharded
+    run, after checking that every stage passed on what it got."""
+    flow = jobs.check_flow(w)
+    per_worker = list(flow["per_worker"]) + ([w.result(jobs.unassigned)] if jobs.unassigned is not None else [])
+    merged: dict[str, Any] = {}
+    for r in per_worker:
+        merged = merge_counts(merged, {k: v for k, v in r.items() if k != "written"})
+    return flow["reads_in"], merged, per_worker
 
 
 def _is_coordinate_sorted(path: str) -> bool:
-    import pysam
-
-    if path == "-":
-        return False
-    with pysam.AlignmentFile(path, check_sq=False) as f:
-        return f.header.to_dict().get("HD", {}).get("SO") == "coordinate"
-
-
-def gather(w: Workflow) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
-    """(reads in, merged worker results, per-worker results) of a cell-sharded run."""
-    dist = w.result_dict[f"{w.name}.dist0"]
-    per_worker = w.results(f"{w.name}.worker*") + w.results(f"{w.name}.unassigned*")
-    merged: dict[str, Any] = {}
-    for r in per_worker:
-        merged = merge_counts(merged, r)
-    seen = merged.get("reads_in", 0)
-    if dist["records"] - dist.get("dropped_missing_tag", 0) != seen:
-        raise WorkflowError(f"reads do not add up between stages: {dist['records']} read, {seen} seen by the workers")
-    return dist["records"], merged, per_worker
+    """Whether the input's header says @HD SO:coordinate (read without pysam;
+    stdin: not known, so no)."""
+    header = read_file_header(path)
+    return header is not None and header.sort_order == "coordinate"
 
 
 def dedup(
@@ -420,33 +356,34 @@ def dedup(
     mode, _ = parse_umi_mode(umi)
     input, output = os.fspath(input), os.fspath(output)
     shard_tag = cell_tag if per_cell and mode != "read_name_cell" else None
-    w = build_cell_sharded(
-        "dedup",
+    w = BamWorkflow("dedup", start_method=start_method)
+    jobs = w.scatter(
         input,
-        output,
         dedup_worker,
-        dict(method=method, umi=umi, cell_tag=cell_tag, per_cell=per_cell, gene_tag=gene_tag, skip_genes=skip_genes, mark=mark),
-        cell_tag=shard_tag,
-        umi=umi,
-        workers=workers,
-        threads=threads,
-        level=level,
-        order="coordinate" if _is_coordinate_sorted(input) else "any",
+        workers=workers if shard_tag is not None else 1,
+        distribute=by_cell(shard_tag),
+        worker_kwargs=dict(method=method, umi=umi, cell_tag=cell_tag, per_cell=per_cell, gene_tag=gene_tag,
+                           skip_genes=skip_genes, mark=mark),
+        decode=DecodeOptions(threads),
+        output=output,
+        collect=CollectOptions("coordinate" if _is_coordinate_sorted(input) else "any"),
+        encode=EncodeOptions(**({} if level is None else {"level": level}), threads=threads,
+                             command_line=command_line or process_command_line()),
+        unassigned_worker=unassigned_worker if shard_tag is not None else None,
+        unassigned_kwargs=dict(umi=umi, cell_tag=cell_tag),
         pass_unassigned=mark,
-        start_method=start_method,
-        command_line=command_line,
     )
     stats: dict[str, Any] = {}
 
-    def check(w: Workflow) -> None:
+    def check(w: BamWorkflow) -> None:
         """The books, before the output appears."""
-        reads_in, merged, per_worker = gather(w)
+        reads_in, merged, per_worker = gather(w, jobs)
         dropped = dict(merged.get("dropped", {}))
         if merged.get("duplicates"):
             dropped["duplicate"] = merged["duplicates"]
         kept = merged.get("kept", 0)
-        written = w.result_dict["dedup.collect0"]["records"]
-        encoded = w.result_dict["dedup.BAM_writer0"]["records"]
+        written = w.result(jobs.collector)["records"]
+        encoded = w.result(jobs.writer)["records"]
         stats.update(
             reads_in=reads_in,
             kept=kept,

@@ -15,73 +15,40 @@ leaves it out), then ``count<TAB>value`` lines by count, descending; ties
 (which Drop-seq leaves in hash order) by value, ascending. A name ending in
 ``.gz`` is gzip-compressed.
 
-Pipeline: ``BAM_reader`` (BGZF inflated in ``threads`` threads) → with
-``workers > 1`` ``distribute_bam`` round-robin → ``workers`` counting jobs
-(kernel ``count_tag_values``: tags found in C, counts in a dict keyed by the
-value bytes) → counts merged here.
+Pipeline: a :meth:`~bamflow.bam.workflow.BamWorkflow.scatter` of ``workers``
+counting jobs (kernel :class:`~bamflow.kernels.presets.TagCounter`: values
+counted in a C hash table) → counts merged here; the histogram is published
+when complete.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-from ..bam.header import BamHeader
-from ..bam.stages import read_raw_header
-from ..errors import WorkflowError
-from ..fifo import FIFO
-from ..workflow import Workflow
-
-READ_SIZE = 1 << 20
-COUNT_STATS = ("records", "counted", "duplicate", "low_mapq", "secondary", "supplementary", "missing_tag")
-
-
-def read_header(stream: Any) -> tuple[BamHeader, bytes]:
-    """Read the header of a raw BAM stream (a buffered binary file); returns it and the bytes after it."""
-    header, length, data = read_raw_header(stream, str(getattr(stream, "name", "BAM stream")))
-    return header, data[length:]
-
-
-def raw_chunks(stream: Any, rest: bytes) -> Iterator[bytes]:
-    """Buffers of the stream, starting with ``rest``."""
-    if rest:
-        yield rest
-    while True:
-        more = stream.read1(READ_SIZE)
-        if not more:
-            return
-        yield more
-
-
-def process_records(stream: Any, rest: bytes, kernel: Any) -> None:
-    """Feed the records of the stream to ``kernel(buf, start) -> end of complete records``."""
-    pending = b""
-    for chunk in raw_chunks(stream, rest):
-        buf = pending + chunk if pending else chunk
-        end = kernel(buf, 0)
-        pending = buf[end:]
-    if pending:
-        raise WorkflowError(f"BAM stream ends inside a record ({len(pending)} bytes left over)")
+from ..bam.options import DecodeOptions, DistributeOptions, parse_tags
+from ..bam.workflow import BamWorkflow
+from ..engine import progress
+from ..engine.errors import WorkflowError
+from ..engine.files import open_for_reading
+from ..engine.publish import Publication
+from ..kernels.presets import COUNT_STATS, TagCounter
 
 
 def count_worker(
-    input: Any, tag: bytes, skip_secondary: bool, skip_duplicates: bool, min_mapq: int
+    input: str, output: None, tag: str, skip_secondary: bool, skip_duplicates: bool, min_mapq: int
 ) -> dict[str, Any]:
-    """A job: count the values of ``tag`` in a raw BAM stream."""
-    from array import array
-
-    from ..kernels.presets import count_tag_values
-
-    counts: dict[bytes, int] = {}
-    stats = array("q", [0] * len(COUNT_STATS))
-    _, rest = read_header(input)
-
-    def kernel(buf: bytes, start: int) -> int:
-        return count_tag_values(buf, start, tag, skip_secondary, skip_duplicates, min_mapq, counts, stats)
-
-    process_records(input, rest, kernel)
-    return {"counts": counts, "stats": dict(zip(COUNT_STATS, stats, strict=True))}
+    """A job: count the values of ``tag`` in a raw BAM stream (kernel TagCounter)."""
+    fd = open_for_reading(input)
+    try:
+        table, stats, seen = TagCounter(
+            fd, tag, skip_secondary=skip_secondary, skip_duplicates=skip_duplicates, min_mapq=min_mapq,
+            progress=progress.current().slot,
+        ).run()
+    finally:
+        os.close(fd)
+    return {"reads_in": stats["records"], "written": None, "counts": table.counts(), "stats": stats, "tags_seen": seen}
 
 
 def count_values(
@@ -97,24 +64,20 @@ def count_values(
     on_progress: Callable[[Any], None] | None = None,
 ) -> tuple[dict[bytes, int], dict[str, int]]:
     """Count reads per value of ``tag``: (value → reads, stats with COUNT_STATS keys)."""
-    if len(tag) != 2 or not tag.isascii():
-        raise ValueError(f"a BAM tag has two characters, not {tag!r}")
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, not {workers}")
-    w = Workflow(name)
-    w.BAM_reader(input=os.fspath(input), output=FIFO("decoded", "wb"), threads=threads)
-    kwargs: dict[str, Any] = dict(
-        tag=tag.encode(), skip_secondary=skip_secondary, skip_duplicates=skip_duplicates, min_mapq=min_mapq
+    (tag,) = parse_tags(tag)
+    w = BamWorkflow(name)
+    jobs = w.scatter(
+        os.fspath(input),
+        count_worker,
+        workers=workers,
+        distribute=DistributeOptions(),
+        decode=DecodeOptions(threads),
+        worker_kwargs=dict(tag=tag, skip_secondary=skip_secondary, skip_duplicates=skip_duplicates, min_mapq=min_mapq),
     )
-    if workers == 1:
-        w.add_job(func=count_worker, job_name="{workflow}.worker0", input=FIFO("decoded", "rb"), **kwargs)
-    else:
-        w.distribute_bam(input=FIFO("decoded", "rb"), outputs=FIFO("share{n}", "wb", n=workers))
-        w.workers(input=FIFO("share{n}", "rb"), func=count_worker, n=workers, **kwargs)
-    w.run(on_progress=on_progress)
+    w.run(on_progress=on_progress, check=jobs.check_flow)
     counts: dict[bytes, int] = {}
     stats = dict.fromkeys(COUNT_STATS, 0)
-    for result in w.results(f"{name}.worker*"):
+    for result in w.result(jobs.workers):
         for key, n in result["stats"].items():
             stats[key] += n
         if not counts:
@@ -122,42 +85,20 @@ def count_values(
         else:
             for value, n in result["counts"].items():
                 counts[value] = counts.get(value, 0) + n
-    if workers > 1:
-        dealt = w.result_dict[f"{name}.dist0"]["records"]
-        if dealt != stats["records"]:
-            raise WorkflowError(f"reads do not add up: {dealt} dealt to the counters, {stats['records']} counted")
     skipped = sum(stats[k] for k in COUNT_STATS[2:])
     if stats["records"] != stats["counted"] + skipped or stats["counted"] != sum(counts.values()):
         raise WorkflowError(f"reads do not add up: {stats}, {sum(counts.values())} in the histogram")
     return counts, stats
 
 
-def write_histogram(counts: dict[bytes, int], output: str | os.PathLike[str], header_line: str | None) -> int:
-    """Write ``count<TAB>value`` lines, by count descending then value; atomically. Returns lines written."""
-    output = os.fspath(output)
+def write_histogram(
+    pub: Publication, counts: dict[bytes, int], output: str | os.PathLike[str], header: list[str] | None
+) -> int:
+    """``count<TAB>value`` lines, by count descending then value, after the
+    ``header`` fields (a comment line); into ``pub`` (``.gz``: gzip; ``-``:
+    stdout). Returns the lines written."""
     rows = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    data = b"".join(b"%d\t%s\n" % (n, value) for value, n in rows)
-    if header_line is not None:
-        data = header_line.encode() + b"\n" + data
-    if output.endswith(".gz"):
-        import isal.igzip
-
-        data = isal.igzip.compress(data)
-    if output in ("-", "/dev/stdout"):
-        import sys
-
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-        return len(rows)
-    tmp = f"{output}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    pub.write_tsv(output, header, ((n, value) for value, n in rows))
     return len(rows)
 
 
@@ -190,23 +131,24 @@ def histogram(
         input, tag, skip_secondary=skip_secondary, skip_duplicates=filter_pcr_duplicates, min_mapq=mq,
         workers=workers, threads=threads, name="histogram", on_progress=on_progress,
     )
-    header_line = None
+    fields = None
     if header:
-        header_line = "#" + "\t".join([
-            f"INPUT={os.path.abspath(os.fspath(input)) if os.fspath(input) != '-' else '-'}",
+        fields = [
+            f"#INPUT={os.path.abspath(os.fspath(input)) if os.fspath(input) != '-' else '-'}",
             f"TAG={tag}",
             f"FILTER_PCR_DUPLICATES={str(filter_pcr_duplicates).lower()}",
             f"READ_QUALITY={mq}",
-        ])
-    n_values = write_histogram(counts, output, header_line)
+        ]
     dropped = {k: stats[k] for k in COUNT_STATS[2:] if stats[k]}
     result: dict[str, Any] = {
         "reads_in": stats["records"],
         "written": stats["counted"],
         "dropped": dropped,
-        "values": n_values,
         "output": os.fspath(output),
     }
     if stats["records"] != stats["counted"] + sum(dropped.values()):
         raise WorkflowError(f"reads do not add up: {result}")
+    with Publication() as pub:
+        result["values"] = write_histogram(pub, counts, output, fields)
+        pub.commit()
     return result

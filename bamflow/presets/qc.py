@@ -31,6 +31,7 @@ external references). See docs/presets/qc.md for every column and field.
 from __future__ import annotations
 
 import html
+import io
 import json
 import logging
 import math
@@ -40,10 +41,11 @@ import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..errors import WorkflowError
-from ..fifo import FIFO
-from ..workflow import Workflow
-from .dedup import gather
+from ..bam.options import DecodeOptions
+from ..bam.workflow import BamWorkflow
+from ..engine.errors import WorkflowError
+from ..engine.publish import Publication
+from .dedup import by_cell, gather
 from .umi import METHODS, cluster_umis
 
 log = logging.getLogger("bamflow")
@@ -168,6 +170,7 @@ def qc_worker(input: str, output: str | None, *, method: str, cell_tag: str, umi
         )
     return {
         "reads_in": reads_in,
+        "written": None,
         "counted": counted,
         "dropped": dropped,
         "cells": per_cell,
@@ -313,13 +316,13 @@ def knee_svg(
     return "\n".join(out)
 
 
-def knee_png(path: str, umis_desc: Sequence[int], threshold: int | None) -> bool:
-    """Write the plot as PNG with matplotlib (Agg, no pyplot); False without matplotlib."""
+def knee_png(umis_desc: Sequence[int], threshold: int | None) -> bytes | None:
+    """The plot as PNG with matplotlib (Agg, no pyplot); None without matplotlib."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        return False
+        return None
     points = _steps(umis_desc)
     fig = Figure(figsize=(6.4, 4.2), dpi=100)
     FigureCanvasAgg(fig)
@@ -337,9 +340,9 @@ def knee_png(path: str, umis_desc: Sequence[int], threshold: int | None) -> bool
     ax.set_ylabel("UMIs")
     ax.grid(True, which="major", color="#ddd")
     fig.tight_layout()
-    with open(path, "wb") as f:
-        fig.savefig(f, format="png")
-    return True
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    return png.getvalue()
 
 
 # -- tables and report ----------------------------------------------------------------------
@@ -383,13 +386,6 @@ def cell_rows(cells: dict[str, dict[str, int]], threshold: int) -> list[dict[str
         )
     rows.sort(key=lambda r: (-r["umis"], -r["reads"], r["barcode"]))
     return rows
-
-
-def _write_tsv(path: str, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\t".join(TSV_COLUMNS) + "\n")
-        for r in rows:
-            f.write("\t".join(_fmt(r[c]) for c in TSV_COLUMNS) + "\n")
 
 
 def _summary_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -453,69 +449,6 @@ def report_html(summary: dict[str, Any], rows: list[dict[str, Any]], svg: str, t
 # -- the preset -----------------------------------------------------------------------------
 
 
-def _check_out_dir(out_dir: str) -> list[str]:
-    """Fail early if ``out_dir`` cannot be a folder; the folders to create (outermost first)."""
-    missing = []
-    path = os.path.abspath(out_dir)
-    while not os.path.exists(path):
-        missing.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    if not os.path.isdir(path):
-        if not missing:
-            raise WorkflowError(f"qc: the output folder {out_dir} exists and is not a folder")
-        raise WorkflowError(f"qc: cannot make the output folder {out_dir}: {path} is not a folder")
-    return list(reversed(missing))
-
-
-def build_qc_workflow(
-    input: str,
-    *,
-    method: str,
-    cell_tag: str,
-    umi_tag: str,
-    gene_tag: str,
-    workers: int,
-    threads: int,
-    start_method: str | None = None,
-) -> Workflow:
-    """decode → distribute by ``cell_tag`` → qc workers; no-cell reads → unassigned worker."""
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, not {workers}")
-    w = Workflow("qc", start_method=start_method)
-    w.BAM_reader(input=input, output=FIFO("decoded", "wb"), threads=threads)
-    w.distribute_bam(
-        input=FIFO("decoded", "rb"),
-        outputs=FIFO("share{n}", "wb", n=workers),
-        by=[cell_tag.encode()],
-        missing="unassigned",
-        unassigned=FIFO("unassigned", "wb"),
-    )
-    w.workers(
-        input=FIFO("share{n}", "rb"),
-        output=None,
-        func=qc_worker,
-        n=workers,
-        manage_fifos=False,
-        method=method,
-        cell_tag=cell_tag,
-        umi_tag=umi_tag,
-        gene_tag=gene_tag,
-    )
-    w.add_job(
-        func=qc_unassigned_worker,
-        job_name="{workflow}.unassigned{n}",
-        manage_fifos=False,
-        input=FIFO("unassigned", "rb"),
-        output=None,
-        umi_tag=umi_tag,
-        gene_tag=gene_tag,
-    )
-    return w
-
-
 def qc(
     input: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -552,20 +485,31 @@ def qc(
     if min_umis is not None and min_umis < 0:
         raise ValueError(f"min_umis must be >= 0, not {min_umis}")
     input, out_dir = os.fspath(input), os.fspath(out_dir)
-    to_create = _check_out_dir(out_dir)  # before the pass: a bad folder fails at once
-
-    w = build_qc_workflow(
+    w = BamWorkflow("qc", start_method=start_method)
+    jobs = w.scatter(
         input,
-        method=method,
-        cell_tag=cell_tag,
-        umi_tag=umi_tag,
-        gene_tag=gene_tag,
+        qc_worker,
         workers=workers,
-        threads=threads,
-        start_method=start_method,
+        distribute=by_cell(cell_tag),
+        worker_kwargs=dict(method=method, cell_tag=cell_tag, umi_tag=umi_tag, gene_tag=gene_tag),
+        decode=DecodeOptions(threads),
+        unassigned_worker=qc_unassigned_worker,
+        unassigned_kwargs=dict(umi_tag=umi_tag, gene_tag=gene_tag),
     )
-    w.run(timeout=timeout, on_progress=on_progress)
-    reads_in, merged, per_worker = gather(w)
+    with Publication() as pub:
+        pub.make_folder(out_dir)  # before the pass: a bad folder fails at once
+        w.run(timeout=timeout, on_progress=on_progress, publication=pub)
+        summary = _summarize(pub, w, jobs, input, out_dir, method, min_umis)
+        pub.commit()
+    log.info("qc %s → %s: %s cells of %s barcodes", input, out_dir, summary["cells"], summary["barcodes"])
+    return summary
+
+
+def _summarize(
+    pub: Publication, w: BamWorkflow, jobs: Any, input: str, out_dir: str, method: str, min_umis: int | None
+) -> dict[str, Any]:
+    """Check the books, write every output into ``pub``; returns the summary."""
+    reads_in, merged, per_worker = gather(w, jobs)
     cells: dict[str, dict[str, int]] = {}
     for r in per_worker:
         for barcode, c in r.get("cells", {}).items():
@@ -621,48 +565,20 @@ def qc(
         "plots": {},
     }
 
-    # -- write everything under temporary names, then rename all -----------------------------
-    names = ["per_cell.tsv", "knee.svg", "knee.png", "report.html", "summary.json"]
-    temps = {n: os.path.join(out_dir, f".{n}.bamflow-tmp") for n in names}
-    created: list[str] = []
-    published: list[str] = []
-    try:
-        for folder in to_create:
-            os.mkdir(folder)
-            created.append(folder)
-        threshold = call["threshold_umis"] if call["cells"] else None
-        _write_tsv(temps["per_cell.tsv"], rows)
-        with open(temps["knee.svg"], "w", encoding="utf-8") as f:
-            f.write(knee_svg(umis_desc, threshold) + "\n")
-        png = knee_png(temps["knee.png"], umis_desc, threshold)
-        if not png:
-            log.warning("qc: matplotlib is not installed; writing knee.svg but not knee.png")
-        summary["plots"] = {"knee.svg": True, "knee.png": png, "report.html": "inline SVG"}
-        written = [n for n in names if n != "knee.png" or png]
-        summary["outputs"] = {n: os.path.join(out_dir, n) for n in written}
-        with open(temps["report.html"], "w", encoding="utf-8") as f:
-            f.write(report_html(summary, rows, knee_svg(umis_desc, threshold, standalone=False)))
-        with open(temps["summary.json"], "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        for n in written:
-            os.replace(temps[n], os.path.join(out_dir, n))
-            published.append(n)
-    except BaseException:
-        for n in names:
-            for path in (temps[n],) + ((os.path.join(out_dir, n),) if n in published else ()):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-        for folder in reversed(created):
-            try:
-                os.rmdir(folder)
-            except OSError:
-                pass
-        raise
+    threshold = call["threshold_umis"] if call["cells"] else None
+    path = {n: os.path.join(out_dir, n) for n in ("per_cell.tsv", "knee.svg", "knee.png", "report.html", "summary.json")}
+    pub.write_tsv(path["per_cell.tsv"], TSV_COLUMNS, ([_fmt(r[c]) for c in TSV_COLUMNS] for r in rows))
+    pub.write_text(path["knee.svg"], knee_svg(umis_desc, threshold) + "\n")
+    png = knee_png(umis_desc, threshold)
+    if png is None:
+        log.warning("qc: matplotlib is not installed; writing knee.svg but not knee.png")
+    else:
+        pub.write_bytes(path["knee.png"], png)
+    summary["plots"] = {"knee.svg": True, "knee.png": png is not None, "report.html": "inline SVG"}
+    summary["outputs"] = {n: p for n, p in path.items() if n != "knee.png" or png is not None}
+    pub.write_text(path["report.html"], report_html(summary, rows, knee_svg(umis_desc, threshold, standalone=False)))
+    pub.write_text(path["summary.json"], json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     summary["per_worker"] = [{k: v for k, v in r.items() if k != "cells"} for r in per_worker]
-    log.info("qc %s → %s: %s cells of %s barcodes", input, out_dir, summary["cells"], summary["barcodes"])
     return summary
 
 

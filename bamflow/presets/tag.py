@@ -38,7 +38,8 @@ from typing import Any
 
 from ..bam.header import BamHeader
 from ..bam.header import command_line as process_command_line
-from ..errors import WorkflowError
+from ..engine.errors import WorkflowError
+from ..engine.publish import Publication
 
 LAYOUTS = {
     "10x-v2": "CB=r1[0:16],UMI=r1[16:26]",
@@ -119,7 +120,7 @@ def tag(
     """
     import dnaio
 
-    from ..bgzf import DEFAULT_LEVEL, BgzfWriter
+    from ..bam.bgzf import DEFAULT_LEVEL, BgzfWriter
     from ..kernels.presets import fastq_pairs_to_bam
 
     read1, read2, output = os.fspath(read1), os.fspath(read2), os.fspath(output)
@@ -131,14 +132,13 @@ def tag(
     rg = (read_group or sample).encode()
     t0 = time.perf_counter()
     to_stdout = output in ("-", "/dev/stdout")
-    target = output if not to_stdout else None
-    tmp = f"{output}.tmp.{os.getpid()}" if target else None
+    pub = Publication()
     pairs = written = too_short = 0
     where = "reading the FASTQ pair"
     try:
         with _open_fastq(read1) as f1, _open_fastq(read2) as f2:
-            writer = BgzfWriter(tmp if tmp else sys.stdout.buffer, level=DEFAULT_LEVEL if level is None else level,
-                                threads=threads)
+            writer = BgzfWriter(sys.stdout.buffer if to_stdout else pub.path(output),
+                                level=DEFAULT_LEVEL if level is None else level, threads=threads)
             try:
                 writer.write(header.to_bytes())
                 out = bytearray()
@@ -167,18 +167,16 @@ def tag(
                 writer.abort()
                 raise
     except dnaio.exceptions.FastqFormatError as e:
-        _cleanup(tmp)
+        pub.abort()
         raise WorkflowError(f"{where}: malformed FASTQ: {e}") from None
     except (EOFError, OSError) as e:
-        _cleanup(tmp)
+        pub.abort()
         if isinstance(e, FileNotFoundError):
             raise WorkflowError(f"no such file: {e.filename}") from None
         raise WorkflowError(f"{where}: truncated or corrupt input ({type(e).__name__}: {e})") from None
     except BaseException:
-        _cleanup(tmp)
+        pub.abort()
         raise
-    if tmp:
-        os.replace(tmp, output)
     seconds = time.perf_counter() - t0
     stats = {
         "reads_in": pairs,
@@ -188,11 +186,7 @@ def tag(
         "reads_per_second": round(pairs / seconds) if seconds > 0 else 0,
     }
     if pairs != written + too_short:
-        _cleanup(output if tmp else None)
+        pub.abort()
         raise WorkflowError(f"reads do not add up: {stats}")
+    pub.commit()
     return stats
-
-
-def _cleanup(path: str | None) -> None:
-    if path and os.path.exists(path):
-        os.unlink(path)

@@ -27,9 +27,12 @@ from .files import InputFile, OutputFile
 PR_SET_PDEATHSIG = 1
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """What to run in one process: ``func(*args, **kwargs)``.
+
+    A Job is also the handle of that job: :meth:`Workflow.result` takes it
+    (jobs compare by identity).
 
     Arguments may hold :class:`FIFO` specs (alone or in lists),
     :class:`InputFile` and :class:`OutputFile`. With ``manage_fifos`` the

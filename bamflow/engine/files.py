@@ -1,22 +1,22 @@
-"""Input and output files of a workflow: checked before start, outputs atomic.
+"""Input and output files of a workflow, checked before it starts.
 
-An :class:`OutputFile` is written under a temporary name in its own folder
-and renamed only when the whole workflow succeeded, so a failed run never
-leaves a file that looks complete. ``-`` means standard input or output.
+An :class:`OutputFile` among a job's arguments is published by the run's
+:class:`~bamflow.engine.publish.Publication`: the job writes a temporary file
+that appears under its name only when the whole run succeeded.
+``-`` means standard input or output.
 """
 
 from __future__ import annotations
 
 import os
-import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
 from .fifo import grow_pipe, pipe_max_size
+from .publish import STDOUT_NAMES, is_special
 
 STDIN_NAMES = ("-", "/dev/stdin")
-STDOUT_NAMES = ("-", "/dev/stdout")
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class OutputFile:
     @property
     def is_special(self) -> bool:
         """stdout and device files are written in place, not renamed."""
-        return self.path in STDOUT_NAMES or self.path.startswith("/dev/")
+        return is_special(self.path)
 
     def check(self) -> str | None:
         """A one-line problem with this output, or None."""
@@ -71,13 +71,6 @@ class OutputFile:
         if os.path.isdir(self.path):
             return f"cannot write output '{self.path}': it is a directory"
         return None
-
-    def temporary_path(self) -> str:
-        """Where the job writes until the workflow succeeded."""
-        if self.is_special:
-            return self.path
-        folder, base = os.path.split(os.path.abspath(self.path))
-        return os.path.join(folder, f".{base}.bamflow-{uuid.uuid4().hex[:12]}.tmp")
 
 
 def open_for_writing(path: str) -> int:

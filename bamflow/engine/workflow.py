@@ -17,20 +17,28 @@ Data flow of a typical workflow (each box is one process)::
 
 Roles:
 
-* :class:`~bamflow.fifo.FIFO` specs name the pipes; the builder methods
+* :class:`~bamflow.engine.fifo.FIFO` specs name the pipes; the builder methods
   (``reader``, ``distribute``, ``workers``, ``collect``, ``funnel``,
-  ``add_job``) each add a :class:`~bamflow.job.Job` holding such specs.
+  ``add_job``) each add a :class:`~bamflow.engine.job.Job` holding such specs.
 * :meth:`Workflow.run` validates the graph (every FIFO has exactly one writer
   and one reader job, inputs exist, outputs can be written) before anything
   starts, creates the FIFOs in a private temporary folder, and hands each
-  phase to a :class:`~bamflow.supervisor.Supervisor`.
-* A job process (:func:`~bamflow.job.run_job`) opens its FIFOs without
-  deadlock (see :mod:`bamflow.fifo`), calls the function and reports its
+  phase to a :class:`~bamflow.engine.supervisor.Supervisor`.
+* A job process (:func:`~bamflow.engine.job.run_job`) opens its FIFOs without
+  deadlock (see :mod:`bamflow.engine.fifo`), calls the function and reports its
   return value or traceback.
-* Outputs (:class:`~bamflow.files.OutputFile`) are written under temporary
-  names and renamed once every job of the workflow has succeeded.
+* Outputs (:class:`~bamflow.engine.files.OutputFile`) are written under
+  temporary names and published together once every job of the workflow
+  has succeeded (:class:`~bamflow.engine.publish.Publication`).
+* Every builder method returns the workflow (so calls chain, as in mrfifo);
+  :attr:`Workflow.last` holds the jobs the latest call added: the handles
+  with which :meth:`Workflow.result` reads what a job returned.
 * A sub-workflow is a barrier: jobs declared before it finish, then it runs,
   then the jobs declared after it. FIFOs never cross such a barrier.
+
+The engine knows nothing of BAM: the BAM stages add their builder methods in
+a subclass (:class:`bamflow.bam.workflow.BamWorkflow`, which is what
+``bamflow.Workflow`` names).
 """
 
 from __future__ import annotations
@@ -45,23 +53,23 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar, overload
 
-from . import parts
-from .bam import stages as bam_stages
+from . import lines
 from .errors import WorkflowError
 from .fifo import FIFO, pipe_max_size
 from .files import InputFile, OutputFile
 from .job import Job
 from .progress import JobProgress
+from .publish import Publication
 from .supervisor import Supervisor
 
 # FIFO specs are immutable: safe as defaults
 READER_OUTPUT = FIFO("input", "wb")
-BAM_READER_OUTPUT = FIFO("input_bam", "wb")
-HEADER_INPUT = FIFO("header", "rb")
+
+W = TypeVar("W", bound="Workflow")
 
 
 def merge_counts(a: Any, b: Any) -> Any:
@@ -114,6 +122,7 @@ class Workflow:
         self.stop_grace = stop_grace
         self._items: list[Job | Workflow] = []
         self._name_counts: dict[str, int] = {}
+        self._last: tuple[Job, ...] = ()
         self.result_dict: dict[str, Any] = {}
         self.exc_dict: dict[str, str] = {}
         self.job_stats: dict[str, dict[str, float]] = {}
@@ -147,8 +156,15 @@ class Workflow:
         if not callable(func):
             raise TypeError(f"func must be callable, not {func!r}")
         managed = manage_fifos if _manage_fifos is None else _manage_fifos
-        self._items.append(Job(self._job_name(job_name), func, args, kwargs, managed))
+        job = Job(self._job_name(job_name), func, args, kwargs, managed)
+        self._items.append(job)
+        self._last = (job,)
         return self
+
+    @property
+    def last(self) -> tuple[Job, ...]:
+        """The jobs added by the latest builder call (several for :meth:`workers`)."""
+        return self._last
 
     def reader(
         self,
@@ -156,7 +172,7 @@ class Workflow:
         *,
         inputs: list[str] | None = None,
         output: FIFO = READER_OUTPUT,
-        func: Callable[..., Any] = parts.read_files,
+        func: Callable[..., Any] = lines.read_files,
         job_name: str = "{workflow}.reader{n}",
         **kwargs: Any,
     ) -> Workflow:
@@ -169,7 +185,7 @@ class Workflow:
         *,
         inputs: list[str] | None = None,
         output: FIFO = READER_OUTPUT,
-        func: Callable[..., Any] = parts.read_gz_or_plain,
+        func: Callable[..., Any] = lines.read_gz_or_plain,
         job_name: str = "{workflow}.gz_reader{n}",
         **kwargs: Any,
     ) -> Workflow:
@@ -181,39 +197,27 @@ class Workflow:
         input: Any,
         outputs: Any,
         *,
-        chunk_size: int = 1,
-        header_detect_func: Callable[[str], object] | None = None,
-        header_prefix: str | bytes | None = None,
-        header_broadcast: bool = False,
         header_fifo: Any = None,
-        by: int | None = None,
-        field_sep: str = "\t",
-        func: Callable[..., Any] = parts.distribute_lines,
+        options: lines.LineDistributeOptions | None = None,
+        func: Callable[..., Any] = lines.distribute_lines,
         job_name: str = "{workflow}.dist{n}",
         **kwargs: Any,
     ) -> Workflow:
         """Split ``input`` over ``outputs``: round-robin in chunks of lines, or by key.
 
-        ``by=k`` sends each line to the output chosen by a stable hash of its
-        k-th ``field_sep``-separated field. Leading lines matching
-        ``header_detect_func`` or ``header_prefix`` are the header: sent to
-        ``header_fifo`` and/or, with ``header_broadcast``, to every output.
+        How is :class:`~bamflow.engine.lines.LineDistributeOptions`, given as
+        ``options=`` or as its fields (``chunk_size=``, ``by=``,
+        ``header_prefix=`` …). ``by=k`` sends each line to the output chosen by
+        a stable hash of its k-th ``field_sep``-separated field. Leading lines
+        matching ``header_detect_func`` or ``header_prefix`` are the header:
+        sent to ``header_fifo`` and/or, with ``header_broadcast``, to every output.
         """
-        if (header_fifo or header_broadcast) and header_detect_func is None and header_prefix is None:
-            raise ValueError("header_fifo and header_broadcast need header_detect_func or header_prefix")
+        options, kwargs = lines.LineDistributeOptions.take(options, kwargs)
+        if header_fifo and not options.detects_header:
+            raise ValueError("header_fifo needs header_detect_func or header_prefix")
         return self.add_job(
-            func=func,
-            job_name=job_name,
-            input=input,
-            outputs=outputs,
-            chunk_size=chunk_size,
-            header_detect_func=header_detect_func,
-            header_prefix=header_prefix,
-            header_broadcast=header_broadcast,
-            header_fifo=header_fifo or None,
-            by=by,
-            field_sep=field_sep,
-            **kwargs,
+            func=func, job_name=job_name, input=input, outputs=outputs, header_fifo=header_fifo or None,
+            options=options, **kwargs,
         )
 
     def workers(
@@ -235,6 +239,7 @@ class Workflow:
                 return type(value)(for_worker(v, i) for v in value)
             return value
 
+        added = []
         for i in range(n):
             self.add_job(
                 *(for_worker(a, i) for a in args),
@@ -242,6 +247,8 @@ class Workflow:
                 job_name=job_name,
                 **{k: for_worker(v, i) for k, v in kwargs.items()},
             )
+            added.extend(self._last)
+        self._last = tuple(added)
         return self
 
     def collect(
@@ -250,32 +257,27 @@ class Workflow:
         output: Any = "-",
         *,
         header_fifo: Any = None,
-        order: str = "any",
-        chunk_size: int = 1,
-        func: Callable[..., Any] = parts.collect_lines,
+        options: lines.LineCollectOptions | None = None,
+        func: Callable[..., Any] = lines.collect_lines,
         job_name: str = "{workflow}.collect{n}",
         **kwargs: Any,
     ) -> Workflow:
         """Merge ``inputs`` into ``output`` (a FIFO, a file path or ``-``), header first.
 
-        ``order="any"`` takes whole lines from whichever input has data;
-        ``order="round-robin"`` takes ``chunk_size`` lines from each in turn.
+        :class:`~bamflow.engine.lines.LineCollectOptions` (``options=`` or its
+        fields): ``order="any"`` takes whole lines from whichever input has
+        data; ``order="round-robin"`` takes ``chunk_size`` lines from each in turn.
         """
+        options, kwargs = lines.LineCollectOptions.take(options, kwargs)
         return self.add_job(
-            func=func,
-            job_name=job_name,
-            inputs=inputs,
-            output=_as_output(output),
-            header_fifo=header_fifo or None,
-            order=order,
-            chunk_size=chunk_size,
-            **kwargs,
+            func=func, job_name=job_name, inputs=inputs, output=_as_output(output), header_fifo=header_fifo or None,
+            options=options, **kwargs,
         )
 
     def funnel(
         self,
         *args: Any,
-        func: Callable[..., Any] = parts.write_file,
+        func: Callable[..., Any] = lines.write_file,
         job_name: str = "{workflow}.funnel{n}",
         **kwargs: Any,
     ) -> Workflow:
@@ -284,144 +286,13 @@ class Workflow:
             kwargs["output"] = _as_output(kwargs["output"])
         return self.add_job(*args, func=func, job_name=job_name, **kwargs)
 
-    # -- BAM stages: raw BAM streams (binary records) between jobs ------------------
-
-    def BAM_reader(
-        self,
-        input: str = "-",
-        *,
-        output: FIFO = BAM_READER_OUTPUT,
-        threads: int = 2,
-        func: Callable[..., Any] = bam_stages.decode_bam,
-        job_name: str = "{workflow}.BAM_reader{n}",
-        **kwargs: Any,
-    ) -> Workflow:
-        """Decode a BAM, uncompressed BAM or SAM file (``-``: stdin) into a raw BAM
-        stream; BGZF is decompressed in ``threads`` threads."""
-        return self.add_job(
-            func=func, job_name=job_name, input=InputFile(os.fspath(input)), output=output, threads=threads, **kwargs
-        )
-
-    bam_reader = BAM_reader
-
-    def distribute_bam(
-        self,
-        input: Any,
-        outputs: Any,
-        *,
-        by: Any = None,
-        chunk_size: int = 1000,
-        missing: str = "error",
-        unassigned: Any = None,
-        header_fifo: Any = None,
-        header_broadcast: bool = True,
-        mark_chunks: bool = False,
-        count_values: bool = False,
-        func: Callable[..., Any] = bam_stages.distribute_records,
-        job_name: str = "{workflow}.dist{n}",
-        **kwargs: Any,
-    ) -> Workflow:
-        """Deal the records of a raw BAM stream to ``outputs``.
-
-        ``by``: None (round-robin in chunks of ``chunk_size`` records), ``"name"``
-        (mates meet), or a list of tags such as ``[b"CB"]`` / ``[b"CB", b"UB"]``
-        (a stable hash of the full values). Reads without the tag: ``missing=``
-        ``"error"``, ``"drop"`` or ``"unassigned"`` (to the ``unassigned`` FIFO).
-        Each output gets the header first (``header_broadcast``) so pysam can
-        read it; ``header_fifo`` gets it too. ``mark_chunks`` ends every chunk
-        with a marker record, so ``collect_bam(order="input")`` can restore the
-        input order whatever the workers drop or add. ``count_values`` (by
-        tags) returns the read count of every key value in ``values``.
-        """
-        return self.add_job(
-            func=func,
-            job_name=job_name,
-            input=input,
-            outputs=outputs,
-            by=by,
-            chunk_size=chunk_size,
-            missing=missing,
-            unassigned=unassigned,
-            header_fifo=header_fifo,
-            header_broadcast=header_broadcast,
-            mark_chunks=mark_chunks,
-            count_values=count_values,
-            **kwargs,
-        )
-
-    def collect_bam(
-        self,
-        inputs: Any,
-        output: Any,
-        *,
-        header_fifo: Any = None,
-        order: str = "any",
-        func: Callable[..., Any] = bam_stages.collect_records,
-        job_name: str = "{workflow}.collect{n}",
-        **kwargs: Any,
-    ) -> Workflow:
-        """Merge BAM record streams into one raw BAM stream, header first.
-
-        ``order``: ``"any"`` (fastest), ``"input"`` (chunks in turn, after
-        ``distribute_bam(mark_chunks=True)``), ``"coordinate"`` or ``"tag:XX"``
-        (k-way merge of sorted inputs; an unsorted input is an error).
-        """
-        return self.add_job(
-            func=func, job_name=job_name, inputs=inputs, output=_as_output(output), header_fifo=header_fifo, order=order, **kwargs
-        )
-
-    def BAM_writer(
-        self,
-        input: Any,
-        output: Any = "-",
-        *,
-        level: int | str | None = None,
-        threads: int = 2,
-        fmt: str = "bam",
-        command_line: str | None = None,
-        func: Callable[..., Any] = bam_stages.encode_bam,
-        job_name: str = "{workflow}.BAM_writer{n}",
-        **kwargs: Any,
-    ) -> Workflow:
-        """Write a raw BAM stream as BAM (BGZF compressed in ``threads`` threads),
-        uncompressed BAM (``fmt="ubam"``) or SAM, adding one @PG line."""
-        if level is not None:
-            kwargs["level"] = level
-        if command_line is None:
-            command_line = f"{self.name} (bamflow Python API)"
-        return self.add_job(
-            func=func, job_name=job_name, input=input, output=_as_output(output), threads=threads, fmt=fmt,
-            command_line=command_line, **kwargs,
-        )
-
-    bam_writer = BAM_writer
-
-    def collect_and_write_bam(
-        self,
-        inputs: FIFO,
-        output: Any,
-        *,
-        header_fifo: FIFO = HEADER_INPUT,
-        order: str = "any",
-        level: int | str | None = None,
-        threads: int = 2,
-        fmt: str = "bam",
-        command_line: str | None = None,
-    ) -> Workflow:
-        """The usual end of a BAM workflow: :meth:`collect_bam` the workers'
-        outputs (header first), then :meth:`BAM_writer` to ``output``."""
-        self.collect_bam(inputs=inputs, header_fifo=header_fifo, output=FIFO("collected", "wb"), order=order)
-        return self.BAM_writer(
-            input=FIFO("collected", "rb"), output=output, level=level, threads=threads, fmt=fmt, command_line=command_line
-        )
-
-    def subworkflow(self, name: str = "subworkflow") -> Workflow:
+    def subworkflow(self: W, name: str = "subworkflow") -> W:
         """A nested workflow that runs after the jobs declared before it.
 
         Add jobs to the returned builder; it shares this workflow's settings
         and its results land in this workflow's ``result_dict``.
         """
-        sub = Workflow(
+        sub = type(self)(
             name,
             start_method=self.start_method,
             pipe_size=self.pipe_size,
@@ -452,6 +323,17 @@ class Workflow:
     def jobs(self) -> list[Job]:
         return [job for phase in self.phases() for job in phase]
 
+    @overload
+    def result(self, job: Job) -> Any: ...
+    @overload
+    def result(self, job: Sequence[Job]) -> list[Any]: ...
+    def result(self, job: Job | Sequence[Job]) -> Any:
+        """What ``job`` (a handle from :attr:`last`) returned; for a sequence of
+        jobs, a list in that order."""
+        if isinstance(job, Job):
+            return self.result_dict[job.name]
+        return [self.result_dict[j.name] for j in job]
+
     def results(self, pattern: str = "*") -> list[Any]:
         """Return values of the jobs whose names match the glob ``pattern``, in job order."""
         return [result for name, result in self.result_dict.items() if fnmatch.fnmatchcase(name, pattern)]
@@ -470,6 +352,10 @@ class Workflow:
         problems: list[str] = []
         written_before: set[str] = set()
         all_outputs: dict[str, str] = {}
+        names = [job.name for job in self.jobs()]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            problems.append(f"more than one job is named {', '.join(repeated)}")
         for phase in self.phases():
             writers: dict[str, list[str]] = {}
             readers: dict[str, list[str]] = {}
@@ -514,17 +400,21 @@ class Workflow:
         on_progress: Callable[[list[JobProgress]], None] | None = None,
         progress_interval: float = 0.5,
         check: Callable[[Workflow], None] | None = None,
+        publication: Publication | None = None,
     ) -> Workflow:
         """Run every phase; returns self, raises WorkflowError on any failure.
 
         ``timeout`` (seconds) bounds the whole run. ``on_progress`` is called
         about every ``progress_interval`` seconds (and once at the end of each
-        phase) with a :class:`~bamflow.progress.JobProgress` per job.
+        phase) with a :class:`~bamflow.engine.progress.JobProgress` per job.
         ``check(workflow)`` runs after every job succeeded and before any
-        output is renamed into place: if it raises (say, because the reads do
-        not add up), no output appears. SIGINT and SIGTERM stop every job and
-        clean up before the exception propagates; they wait while outputs are
-        being renamed, so that all or none appear.
+        output is published: if it raises (say, because the reads do not add
+        up), no output appears. The outputs are published by ``publication``
+        when given (the caller adds its own files, then commits it; a failed
+        run aborts it), else by one of the run's own, committed here. SIGINT
+        and SIGTERM stop every job and clean up before the exception
+        propagates; they wait while outputs are being renamed, so that all or
+        none appear.
         """
         self.validate()
         self.result_dict.clear()
@@ -533,6 +423,8 @@ class Workflow:
         context = multiprocessing.get_context(self.start_method)
         pipe_size = self.pipe_size or pipe_max_size()
         deadline = None if timeout is None else time.monotonic() + timeout
+        own = publication is None
+        pub = Publication() if publication is None else publication
         temp_outputs: dict[str, str] = {}
         fifo_dir = tempfile.mkdtemp(prefix=f"bamflow-{_safe_name(self.name, 40)}-", dir=self.tmp_dir)
         succeeded = False
@@ -545,7 +437,7 @@ class Workflow:
                     for job in phase:
                         for spec in job.specs():
                             if isinstance(spec, OutputFile):
-                                temp_outputs.setdefault(spec.key, spec.temporary_path())
+                                temp_outputs.setdefault(spec.key, pub.path(spec.path))
                     supervisor = Supervisor(
                         phase,
                         context,
@@ -571,18 +463,13 @@ class Workflow:
                     shutil.rmtree(os.path.join(fifo_dir, str(number)), ignore_errors=True)
                 if check is not None:
                     check(self)
-                with _signals_deferred():
-                    self._publish(temp_outputs)
-                    succeeded = True
+                if own:
+                    pub.commit()
+                succeeded = True
         finally:
             shutil.rmtree(fifo_dir, ignore_errors=True)
             if not succeeded:
-                for final, temp in temp_outputs.items():
-                    if temp != final:
-                        try:
-                            os.unlink(temp)
-                        except FileNotFoundError:
-                            pass
+                pub.abort()
         return self
 
     @staticmethod
@@ -596,16 +483,6 @@ class Workflow:
             os.mkfifo(paths[name], 0o600)
         return paths
 
-    def _publish(self, temp_outputs: dict[str, str]) -> None:
-        for final, temp in temp_outputs.items():
-            if temp == final:
-                continue
-            if not os.path.exists(temp):
-                raise WorkflowError(f"workflow '{self.name}': no job wrote the output '{final}'")
-        for final, temp in temp_outputs.items():
-            if temp != final:
-                os.replace(temp, final)
-
     def __repr__(self) -> str:
         return f"Workflow({self.name!r}, jobs={[job.name for job in self.jobs()]})"
 
@@ -613,20 +490,6 @@ class Workflow:
 def _safe_name(name: str, limit: int) -> str:
     """A free-text name as a file name part."""
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:limit]
-
-
-@contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back (main thread only) until the block is done."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextmanager

@@ -1,5 +1,8 @@
 """BGZF (blocked gzip, SAM spec section 4.1) writer and reader for BAM stages.
 
+Reading goes through the one BGZF block reader (bamflow.kernels._bgzf), the
+same checks the kernels apply to BGZF inside their streams.
+
 A BGZF file is a series of gzip members ("blocks"), each holding at most 64 KiB
 of uncompressed and at most 64 KiB of compressed data, whose gzip header carries
 an extra subfield ``BC`` with the block's total size minus one; it ends with a
@@ -25,6 +28,8 @@ from typing import BinaryIO, Literal
 
 import deflate
 import isal.isal_zlib
+
+from ..kernels._bgzf import BgzfError, check_end, inflate_block, scan_block
 
 __all__ = [
     "BLOCK_SIZE",
@@ -64,36 +69,37 @@ Backend = Literal["auto", "libdeflate", "isal"]
 Source = int | str | os.PathLike[str] | BinaryIO
 
 
-class BgzfError(ValueError):
-    """Input is not valid BGZF. ``str()`` is one line naming the file and byte offset."""
-
-    def __init__(self, message: str, *, source: str = "", offset: int | None = None) -> None:
-        where = f"{source}: " if source else ""
-        at = f"at byte offset {offset}: " if offset is not None else ""
-        super().__init__(f"{where}{at}{message}")
-        self.source = source
-        self.offset = offset
-
-
 # --- compression -----------------------------------------------------------
 
 
-def _compressor(level: Level, backend: Backend) -> Callable[[bytes], bytes | bytearray]:
-    """Return a function: uncompressed bytes -> raw deflate data, for ``level``/``backend``."""
+def check_level(level: Level, backend: Backend = "auto") -> Level:
+    """``level`` if ``backend`` has it (libdeflate 0-12, ISA-L 0-3, or
+    :data:`FAST_LEVEL`); else ValueError."""
     if level == FAST_LEVEL:
         if backend == "libdeflate":
             raise ValueError("level 'fast' is ISA-L level 1; it needs backend 'auto' or 'isal'")
-        return lambda data: isal.isal_zlib.compress(data, 1, wbits=-15)
+        return level
     if not isinstance(level, int) or isinstance(level, bool):
         raise ValueError(f"level must be an int or {FAST_LEVEL!r}, not {level!r}")
     if backend == "isal":
         if not 0 <= level <= 3:
             raise ValueError(f"ISA-L levels are 0-3, not {level}")
-        return lambda data: isal.isal_zlib.compress(data, level, wbits=-15)
+        return level
     if backend not in ("auto", "libdeflate"):
         raise ValueError(f"backend must be 'auto', 'libdeflate' or 'isal', not {backend!r}")
     if not 0 <= level <= 12:
         raise ValueError(f"libdeflate levels are 0-12 (0: stored, no compression), not {level}")
+    return level
+
+
+def _compressor(level: Level, backend: Backend) -> Callable[[bytes], bytes | bytearray]:
+    """Return a function: uncompressed bytes -> raw deflate data, for ``level``/``backend``."""
+    check_level(level, backend)
+    if level == FAST_LEVEL:
+        return lambda data: isal.isal_zlib.compress(data, 1, wbits=-15)
+    assert isinstance(level, int)
+    if backend == "isal":
+        return lambda data: isal.isal_zlib.compress(data, level, wbits=-15)
     return lambda data: deflate.deflate_compress(data, level)
 
 
@@ -355,34 +361,6 @@ class BgzfWriter:
 # --- decompression ---------------------------------------------------------
 
 
-def _unpack_block(cdata: bytes, crc: int, isize: int) -> bytes | bytearray:
-    """Inflate one block's deflate data and check it against the footer; raise ValueError."""
-    try:
-        data = deflate.deflate_decompress(cdata, isize)
-    except deflate.DeflateError:
-        try:  # valid deflate data of another size than ISIZE says?
-            data = deflate.deflate_decompress(cdata, MAX_BLOCK_SIZE)
-        except deflate.DeflateError:
-            raise ValueError("corrupt deflate data") from None
-    if len(data) != isize:
-        raise ValueError(f"deflate data holds {len(data)} bytes, ISIZE says {isize}")
-    actual = deflate.crc32(data)
-    if actual != crc:
-        raise ValueError(f"CRC32 mismatch: footer says {crc:#010x}, data has {actual:#010x}")
-    return data
-
-
-def _bc_subfield(extra: bytes | bytearray | memoryview) -> int | None:
-    """BSIZE from the gzip extra field's 'BC' subfield, or None if it has none."""
-    i = 0
-    while i + 4 <= len(extra):
-        slen = extra[i + 2] | extra[i + 3] << 8
-        if extra[i] == 66 and extra[i + 1] == 67 and slen == 2 and i + 6 <= len(extra):
-            return extra[i + 4] | extra[i + 5] << 8
-        i += 4 + slen
-    return None
-
-
 def is_bgzf(first_bytes: bytes) -> bool:
     """True if ``first_bytes`` start with a BGZF block header.
 
@@ -392,11 +370,11 @@ def is_bgzf(first_bytes: bytes) -> bool:
     """
     if len(first_bytes) < 4 or first_bytes[:3] != b"\x1f\x8b\x08" or not first_bytes[3] & 4:
         return False
-    if len(first_bytes) < 12:
-        return True
-    xlen = first_bytes[10] | first_bytes[11] << 8
-    extra = first_bytes[12 : 12 + xlen]
-    return len(extra) < xlen or _bc_subfield(extra) is not None
+    try:
+        scan_block(bytes(first_bytes), 0, 0, True, "")
+    except BgzfError:
+        return False
+    return True
 
 
 def detect_format(first_bytes: bytes) -> str:
@@ -601,56 +579,22 @@ class BgzfReader(io.BufferedIOBase):
             self._raw += chunk
         return len(self._raw) >= need
 
-    def _error(self, message: str, offset: int | None) -> BgzfError:
-        return BgzfError(message, source=self.name, offset=offset)
-
     def _scan_block(self) -> Callable[[], bytes | bytearray] | None:
-        """Parse the next block's framing; return a job inflating it, or None at a valid end."""
+        """Check the next block's framing (the one BGZF block reader); return a
+        job inflating it, or None at a valid end of the input."""
         offset = self._raw_offset
-        if not self._read_raw(_HEADER.size):
-            if self._blocks == 0 and self._raw and self._raw[:2] not in (b"\x1f\x8b", b"\x1f"):
-                raise self._error(f"not BGZF (nor gzip) data: starts with {bytes(self._raw[:4])!r}", offset)
-            if self._raw:
-                raise self._error(f"truncated BGZF block: {len(self._raw)} bytes where a block header is expected", offset)
-            if self._blocks == 0:
-                raise self._error("empty input: no BGZF data at all", None)
-            if self._last_isize != 0:
-                raise self._error("no BGZF EOF marker: file is truncated", offset)
-            return None
-        raw = self._raw
-        id1, id2, cm, flg, _mtime, _xfl, _os, xlen = _HEADER.unpack_from(raw)
-        if (id1, id2) != (0x1F, 0x8B):
-            what = "not BGZF (nor gzip) data" if self._blocks == 0 else "corrupt BGZF block header (bad gzip magic)"
-            raise self._error(f"{what}: starts with {bytes(raw[:4])!r}", offset)
-        if cm != 8:
-            raise self._error(f"corrupt BGZF block header: compression method {cm}, not 8 (deflate)", offset)
-        if not self._read_raw(_HEADER.size + (xlen if flg & 4 else 0)):
-            raise self._error("truncated BGZF block header", offset)
-        bsize = _bc_subfield(raw[_HEADER.size : _HEADER.size + xlen]) if flg & 4 else None
-        if bsize is None:
-            raise self._error(
-                "plain gzip, not BGZF (no 'BC' extra subfield in the gzip header); recompress with bgzip or samtools",
-                offset,
-            )
-        size = bsize + 1
-        cstart = _HEADER.size + xlen
-        if size < cstart + _FOOTER.size:
-            raise self._error(f"corrupt BGZF block header: BSIZE {bsize} is smaller than the header", offset)
-        if not self._read_raw(size):
-            raise self._error(f"truncated BGZF block: {len(raw)} of its {size} bytes present", offset)
-        crc, isize = _FOOTER.unpack_from(raw, size - _FOOTER.size)
-        if isize > MAX_BLOCK_SIZE:
-            raise self._error(f"corrupt BGZF block: ISIZE {isize} exceeds {MAX_BLOCK_SIZE}", offset)
-        cdata = bytes(raw[cstart : size - _FOOTER.size])
-        del raw[:size]
+        while True:
+            size, cstart, clen, crc, isize = scan_block(self._raw, 0, offset, self._blocks == 0, self.name)
+            if size >= 0:
+                break
+            needed = cstart  # (incomplete: the block's size once its header is in, else 0)
+            if not self._read_raw(max(needed, len(self._raw) + 1)):
+                check_end(len(self._raw), needed, self._blocks, self._last_isize == 0, offset, self.name)
+                return None
+        block = bytes(self._raw[:size])
+        del self._raw[:size]
         self._raw_offset += size
         self._blocks += 1
         self._last_isize = isize
-
-        def job() -> bytes | bytearray:
-            try:
-                return _unpack_block(cdata, crc, isize)
-            except ValueError as e:
-                raise self._error(f"corrupt BGZF block: {e}", offset) from None
-
-        return job
+        name = self.name
+        return lambda: inflate_block(block, cstart, clen, crc, isize, offset, name)

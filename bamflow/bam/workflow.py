@@ -1,0 +1,249 @@
+"""The BAM layer's workflow builder: the engine's :class:`~bamflow.engine.Workflow`
+plus the BAM stages (``bamflow.Workflow`` is this class).
+
+    BAM_reader ─▶ distribute_bam ─▶ workers ─▶ collect_bam ─▶ BAM_writer
+                        └──────────── header ──────▲
+
+:meth:`BamWorkflow.scatter` assembles that whole shape once, for every BAM
+command that shards reads over worker processes (map_reads, map_reduce,
+dedup, count, qc, correct, split): it returns the handles of the jobs it
+added, and :meth:`Scatter.check_flow` checks that every stage passed on
+what it got.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..engine.errors import WorkflowError
+from ..engine.fifo import FIFO
+from ..engine.files import InputFile
+from ..engine.job import Job
+from ..engine.workflow import Workflow, _as_output
+from . import stages
+from .options import CollectOptions, DecodeOptions, DistributeOptions, EncodeOptions
+
+# FIFO specs are immutable: safe as defaults
+BAM_READER_OUTPUT = FIFO("input_bam", "wb")
+
+
+class BamWorkflow(Workflow):
+    """A :class:`~bamflow.engine.Workflow` with the BAM stages as builder methods.
+
+    Each stage's options are one dataclass (bamflow.bam.options), given as
+    ``options=`` or as its fields among the keyword arguments; the other
+    keyword arguments go to the job function.
+    """
+
+    def BAM_reader(
+        self,
+        input: str | os.PathLike[str] = "-",
+        *,
+        output: FIFO = BAM_READER_OUTPUT,
+        options: DecodeOptions | None = None,
+        func: Callable[..., Any] = stages.decode_bam,
+        job_name: str = "{workflow}.BAM_reader{n}",
+        **kwargs: Any,
+    ) -> BamWorkflow:
+        """Decode a BAM, uncompressed BAM or SAM file (``-``: stdin) into a raw BAM
+        stream (:class:`~bamflow.bam.options.DecodeOptions`: ``threads``)."""
+        options, kwargs = DecodeOptions.take(options, kwargs)
+        self.add_job(func=func, job_name=job_name, input=InputFile(os.fspath(input)), output=output, options=options,
+                     **kwargs)
+        return self
+
+    bam_reader = BAM_reader
+
+    def distribute_bam(
+        self,
+        input: Any,
+        outputs: Any,
+        *,
+        unassigned: Any = None,
+        header_fifo: Any = None,
+        options: DistributeOptions | None = None,
+        func: Callable[..., Any] = stages.distribute_records,
+        job_name: str = "{workflow}.dist{n}",
+        **kwargs: Any,
+    ) -> BamWorkflow:
+        """Deal the records of a raw BAM stream to ``outputs``
+        (:class:`~bamflow.bam.options.DistributeOptions`: ``by``, ``chunk_size``,
+        ``missing``, ``header_broadcast``, ``frame_chunks``, ``count_values``).
+        Reads without the key tag go to ``unassigned`` with ``missing="unassigned"``;
+        ``header_fifo`` gets the header."""
+        options, kwargs = DistributeOptions.take(options, kwargs)
+        self.add_job(
+            func=func, job_name=job_name, input=input, outputs=outputs, options=options, unassigned=unassigned,
+            header_fifo=header_fifo, **kwargs,
+        )
+        return self
+
+    def collect_bam(
+        self,
+        inputs: Any,
+        output: Any,
+        *,
+        header_fifo: Any = None,
+        options: CollectOptions | None = None,
+        func: Callable[..., Any] = stages.collect_records,
+        job_name: str = "{workflow}.collect{n}",
+        **kwargs: Any,
+    ) -> BamWorkflow:
+        """Merge BAM record streams into one raw BAM stream, header first
+        (:class:`~bamflow.bam.options.CollectOptions`: ``order``)."""
+        options, kwargs = CollectOptions.take(options, kwargs)
+        self.add_job(
+            func=func, job_name=job_name, inputs=inputs, output=_as_output(output), header_fifo=header_fifo,
+            options=options, **kwargs,
+        )
+        return self
+
+    def BAM_writer(
+        self,
+        input: Any,
+        output: Any = "-",
+        *,
+        options: EncodeOptions | None = None,
+        func: Callable[..., Any] = stages.encode_bam,
+        job_name: str = "{workflow}.BAM_writer{n}",
+        **kwargs: Any,
+    ) -> BamWorkflow:
+        """Write a raw BAM stream as BAM, uncompressed BAM or SAM, adding one @PG line
+        (:class:`~bamflow.bam.options.EncodeOptions`: ``level``, ``threads``,
+        ``fmt``, ``command_line``; the default command line names this workflow)."""
+        options, kwargs = EncodeOptions.take(options, kwargs)
+        if options.command_line is None:
+            options = dataclasses.replace(options, command_line=f"{self.name} (bamflow Python API)")
+        self.add_job(func=func, job_name=job_name, input=input, output=_as_output(output), options=options, **kwargs)
+        return self
+
+    bam_writer = BAM_writer
+
+    def scatter(
+        self,
+        input: str | os.PathLike[str],
+        worker: Callable[..., Any],
+        *,
+        workers: int,
+        distribute: DistributeOptions,
+        worker_kwargs: dict[str, Any] | None = None,
+        decode: DecodeOptions = DecodeOptions(),
+        output: str | os.PathLike[str] | None = None,
+        collect: CollectOptions = CollectOptions(),
+        encode: EncodeOptions = EncodeOptions(),
+        unassigned_worker: Callable[..., Any] | None = None,
+        unassigned_kwargs: dict[str, Any] | None = None,
+        pass_unassigned: bool = False,
+    ) -> Scatter:
+        """The usual BAM workflow, assembled once::
+
+            BAM_reader ─▶ distribute_bam ─▶ worker × N ──▶ [collect_bam ─▶ BAM_writer ─▶ output]
+                               └─(missing key)─▶ unassigned_worker ─┘ (with pass_unassigned)
+
+        Each worker is called as ``worker(input=FIFO path, output=FIFO path or
+        None, **worker_kwargs)`` (unmanaged: it opens them itself) and returns
+        a dict with ``reads_in`` (reads it was handed) and ``written`` (records
+        it wrote; None if it cannot tell). ``unassigned_worker`` (with
+        ``distribute.missing="unassigned"``) gets the reads without the key,
+        with ``unassigned_kwargs``. Returns the jobs' handles.
+        """
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, not {workers}")
+        if (distribute.missing == "unassigned") != (unassigned_worker is not None):
+            raise ValueError("missing='unassigned' and an unassigned worker go together")
+        writes = output is not None
+        self.BAM_reader(input=input, output=FIFO("decoded", "wb"), options=decode)
+        reader = self.last[0]
+        self.distribute_bam(
+            input=FIFO("decoded", "rb"),
+            outputs=FIFO("share{n}", "wb", n=workers),
+            unassigned=FIFO("unassigned", "wb") if unassigned_worker is not None else None,
+            header_fifo=FIFO("header", "wb") if writes else None,
+            options=distribute,
+            source=stages.source_name(os.fspath(input)),
+        )
+        distributor = self.last[0]
+        self.workers(
+            input=FIFO("share{n}", "rb"),
+            output=FIFO("mapped{n}", "wb") if writes else None,
+            func=worker,
+            n=workers,
+            manage_fifos=False,
+            **(worker_kwargs or {}),
+        )
+        worker_jobs = list(self.last)
+        unassigned_job = None
+        n_streams = workers
+        if unassigned_worker is not None:
+            passes = writes and pass_unassigned
+            self.add_job(
+                func=unassigned_worker,
+                job_name="{workflow}.unassigned{n}",
+                manage_fifos=False,
+                input=FIFO("unassigned", "rb"),
+                output=FIFO(f"mapped{workers}", "wb") if passes else None,
+                **(unassigned_kwargs or {}),
+            )
+            unassigned_job = self.last[0]
+            n_streams += passes
+        collector = writer = None
+        if writes:
+            self.collect_bam(
+                inputs=FIFO("mapped{n}", "rb", n=n_streams), header_fifo=FIFO("header", "rb"),
+                output=FIFO("collected", "wb"), options=collect,
+            )
+            collector = self.last[0]
+            self.BAM_writer(input=FIFO("collected", "rb"), output=output, options=encode)
+            writer = self.last[0]
+        return Scatter(reader, distributor, worker_jobs, unassigned_job, collector, writer,
+                       passes_unassigned=writes and pass_unassigned and unassigned_worker is not None)
+
+
+@dataclass
+class Scatter:
+    """Handles of the jobs :meth:`BamWorkflow.scatter` added."""
+
+    reader: Job
+    distributor: Job
+    workers: list[Job]
+    unassigned: Job | None
+    collector: Job | None
+    writer: Job | None
+    passes_unassigned: bool = False
+    flow: dict[str, Any] = field(default_factory=dict)
+
+    def check_flow(self, w: Workflow) -> dict[str, Any]:
+        """Check that every stage passed on what it got: the reads dealt to the
+        workers are the reads they were handed, the records they wrote are the
+        records collected, and those the records written out. Raises
+        WorkflowError naming the stages that disagree; returns the counts."""
+        dist = w.result(self.distributor)
+        per_worker = w.result(self.workers)
+        unassigned = w.result(self.unassigned) if self.unassigned is not None else None
+        dealt = dist["records"] - dist["dropped_missing_tag"] - dist["unassigned"]
+        handed = sum(r["reads_in"] for r in per_worker)
+        problems = []
+        if dealt != handed:
+            problems.append(f"{dealt} reads dealt to the workers, {handed} read by them")
+        if unassigned is not None and unassigned["reads_in"] != dist["unassigned"]:
+            problems.append(f"{dist['unassigned']} reads without the key, {unassigned['reads_in']} read by their worker")
+        flow: dict[str, Any] = {"reads_in": dist["records"], "dealt": dealt, "per_worker": per_worker}
+        if self.collector is not None:
+            collected = w.result(self.collector)["records"]
+            written = [r.get("written") for r in per_worker]
+            if self.passes_unassigned and unassigned is not None:
+                written.append(unassigned.get("written"))
+            if None not in written and sum(written) != collected:
+                problems.append(f"{sum(written)} records written by the workers, {collected} collected")
+            encoded = w.result(self.writer)["records"] if self.writer is not None else collected
+            if encoded != collected:
+                problems.append(f"{collected} records collected, {encoded} written out")
+            flow["collected"] = collected
+        if problems:
+            raise WorkflowError("reads do not add up between stages: " + "; ".join(problems))
+        self.flow = flow
+        return flow
