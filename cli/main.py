@@ -6,21 +6,24 @@ traceback with --debug), 2 usage error.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import json
 import os
 import shlex
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 
 from bamflow import WorkflowError, __version__
+from bamflow.engine.publish import Publication, is_special
 
 from .display import ProgressDisplay, summary_table
 
@@ -60,17 +63,11 @@ def _root(
     """High-throughput BAM/SAM processing over named pipes."""
 
 
-# -- shared options ---------------------------------------------------------------------
-
-THREADS = typer.Option(2, "-@", "--threads", min=1, help="Threads for BGZF decompression and compression.")
-LEVEL = typer.Option(None, "--level", help="Compression level: 0-12 (libdeflate; 0 = none) or 'fast' (ISA-L). Default: 6.")
-STATS = typer.Option(None, "--stats", help="Write the run's statistics to this JSON file.")
-QUIET = typer.Option(False, "-q", "--quiet", help="No live display: a log line every few seconds.")
-DEBUG = typer.Option(False, "--debug", help="Show the failing job's traceback on error.")
-PROGRESS = typer.Option("auto", "--progress", help="Progress display: auto, live, log or none.")
+# -- the options every command shares, each declared once -------------------------------------------
 
 
 def _level(value: str | None) -> int | str | None:
+    """--level: 0-12 or 'fast' (checked and parsed with the other arguments)."""
     if value is None or value == "fast":
         return value
     try:
@@ -82,23 +79,118 @@ def _level(value: str | None) -> int | str | None:
     return level
 
 
+def _progress(value: str) -> str:
+    if value not in ("auto", "live", "log", "none"):
+        raise typer.BadParameter("must be auto, live, log or none", param_hint="--progress")
+    return value
+
+
+def _stats(value: Path | None) -> Path | None:
+    """--stats: a file the run can publish, checked before the run starts."""
+    if value is None or is_special(os.fspath(value)):
+        return value
+    folder = value.parent
+    if value.is_dir():
+        problem = f"'{value}' is a folder"
+    elif not folder.is_dir():
+        problem = f"'{folder}' is not a folder" if folder.exists() else f"the folder '{folder}' does not exist"
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        problem = f"cannot write to the folder '{folder}'"
+    else:
+        return value
+    raise typer.BadParameter(problem, param_hint="--stats")
+
+
+def _shared(name: str, annotation: Any, *declarations: Any, **settings: Any) -> inspect.Parameter:
+    option = typer.Option(*declarations, **settings)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+
+SHARED = (
+    _shared("threads", int, 2, "-@", "--threads", min=1, help="Threads for BGZF decompression and compression."),
+    _shared(
+        "level",
+        str | None,
+        None,
+        "--level",
+        callback=_level,
+        help="Compression level: 0-12 (libdeflate; 0 = none) or 'fast' (ISA-L). Default: 6.",
+    ),
+    _shared("stats", Path | None, None, "--stats", callback=_stats, help="Write the run's statistics to this JSON file."),
+    _shared("quiet", bool, False, "-q", "--quiet", help="No live display: a log line every few seconds."),
+    _shared("progress", str, "auto", "--progress", callback=_progress, help="Progress display: auto, live, log or none."),
+    _shared("debug", bool, False, "--debug", help="Show the failing job's traceback on error."),
+)
+"""The options every command takes, after its own, in this order (see :func:`command`)."""
+
+
+def _exists(param: typer.CallbackParam, value: str) -> str:
+    if value != "-" and not os.path.exists(value):
+        raise typer.BadParameter(f"'{value}' does not exist", param_hint=(param.name or "input").upper())
+    return value
+
+
+def _existing_file(param: typer.CallbackParam, value: Path | None) -> Path | None:
+    if value is not None and not value.is_file():
+        raise typer.BadParameter(f"'{value}' does not exist", param_hint=param.opts[-1] if param.opts else None)
+    return value
+
+
+def input_argument(help: str = "BAM, uncompressed BAM or SAM file; - for stdin.") -> Any:
+    """An input file (- for stdin), which must exist."""
+    return typer.Argument(callback=_exists, help=help)
+
+
+def output_option(help: str) -> Any:
+    return typer.Option("-o", "--output", help=help)
+
+
+def workers_option(help: str = "Worker processes.", default: int = 2) -> Any:
+    return typer.Option(default, "-w", "--workers", min=1, help=help)
+
+
+INPUT = input_argument()
+SHARDED_WORKERS = "Worker processes (cells are sharded over them)."
+METHOD = typer.Option(
+    "directional", "--method", help="unique, percentile, cluster, adjacency or directional (umi_tools' definitions)."
+)
+CELL_TAG = typer.Option("CB", "--cell-tag", help="Cell barcode tag.")
+UMI_TAG = typer.Option("UB", "--umi-tag", help="UMI tag.")
+
+Tally = tuple[int, dict[str, int], dict[str, int]]
+"""What the summary shows: reads in, reads written per output, reads dropped per reason."""
+
+
+def _written_to(output: str) -> Callable[[dict[str, Any]], Tally]:
+    """The usual tally: every read written goes to ``output``."""
+    return lambda result: (result["reads_in"], {output: result["written"]}, result["dropped"])
+
+
+def _per_output(result: dict[str, Any]) -> Tally:
+    return result["reads_in"], result["written"], result["dropped"]
+
+
+def _counted(result: dict[str, Any]) -> Tally:
+    return result["reads_in"], {"counted": result.get("counted", 0)}, result.get("dropped", {})
+
+
+def _command_line() -> str:
+    return " ".join(shlex.quote(a) for a in ["bamflow", *sys.argv[1:]])
+
+
 @dataclass
-class Session:
-    """What every command does around its run: display, errors, stats file."""
+class Common:
+    """The shared options of a command, checked, and what every command does around its run:
+    the display, one error line and the exit status, the stats file, the summary."""
 
     name: str
-    input: str
-    quiet: bool
-    debug: bool
-    progress: str
+    threads: int
     stats: Path | None
-
-    def __post_init__(self) -> None:
-        self.console = Console(stderr=True)
-        if self.progress not in ("auto", "live", "log", "none"):
-            raise typer.BadParameter("must be auto, live, log or none", param_hint="--progress")
-        if self.input != "-" and not os.path.exists(self.input):
-            raise typer.BadParameter(f"'{self.input}' does not exist", param_hint="INPUT")
+    quiet: bool
+    progress: str
+    debug: bool
+    level: int | str | None = None
+    console: Console = field(default_factory=lambda: Console(stderr=True), repr=False)
 
     def mode(self) -> str:
         if self.progress != "auto":
@@ -107,13 +199,28 @@ class Session:
             return "log"
         return "live"
 
-    def run(self, action: Callable[[ProgressDisplay], dict[str, Any]]) -> dict[str, Any]:
-        """Run ``action(display)``; turn failures into one line and exit status 1."""
-        total = os.path.getsize(self.input) if self.input != "-" and os.path.isfile(self.input) else None
+    def run(self, api: Callable[..., Any], *args: Any, tally: Callable[[dict[str, Any]], Tally], **kwargs: Any) -> dict[str, Any]:
+        """``api(*args, **kwargs)`` with the shared settings it takes (threads, level, command_line,
+        on_progress) under the display; ``args[0]`` is the input. Publishes the stats file and
+        prints the summary (``tally(result)``) after a run that succeeded; failures → one error
+        line and exit status 1."""
+        params = inspect.signature(api).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        accepts = {name for name in ("threads", "level", "command_line", "on_progress") if takes_any or name in params}
+        shared = {"threads": self.threads, "level": self.level, "command_line": _command_line()}
+        kwargs.update({key: value for key, value in shared.items() if key in accepts})
+        input = os.fspath(args[0])
+        total = os.path.getsize(input) if input != "-" and os.path.isfile(input) else None
         started = time.monotonic()
         try:
             with ProgressDisplay(self.console, self.mode(), total, f"bamflow {self.name}") as display:
-                stats = action(display)
+                if "on_progress" in accepts:
+                    kwargs["on_progress"] = display
+                done = api(*args, **kwargs)
+            result = done.as_dict() if hasattr(done, "as_dict") else dict(done)
+            result["seconds"] = time.monotonic() - started
+            if self.stats is not None:
+                _publish_stats(self.stats, result)
         except WorkflowError as e:
             self._fail(e.summary, str(e))
         except ValueError as e:  # raised before any job ran: the arguments are wrong
@@ -121,52 +228,75 @@ class Session:
         except OSError as e:
             self._fail(f"{type(e).__name__}: {e}", None)
         except KeyboardInterrupt:
-            self.console.print(f"bamflow {self.name}: interrupted", style="bold red", highlight=False)
+            self.say(f"bamflow {self.name}: interrupted", style="bold red")
             raise typer.Exit(130) from None
-        stats["seconds"] = time.monotonic() - started
-        if self.stats is not None:
-            self.stats.write_text(json.dumps(stats, indent=2, default=str) + "\n")
-        return stats
+        self.summary(*tally(result), result["seconds"])
+        return result
 
-    def _fail(self, summary: str, details: str | None, status: int = 1) -> None:
-        self.console.print(f"bamflow {self.name}: error: {summary}", style="bold red", highlight=False, soft_wrap=True)
+    def _fail(self, summary: str, details: str | None, status: int = 1) -> NoReturn:
+        self.say(f"bamflow {self.name}: error: {summary}", style="bold red")
         if self.debug and details:
-            self.console.print(details, highlight=False, soft_wrap=True)
+            self.say(details)
         raise typer.Exit(status)
+
+    def say(self, text: str, style: str | None = None) -> None:
+        """A line on stderr, as it is (no highlighting, no wrapping)."""
+        self.console.print(text, style=style, highlight=False, soft_wrap=True)
 
     def summary(self, reads_in: int, written: dict[str, int], dropped: dict[str, int], seconds: float) -> None:
         if self.quiet:
-            self.console.print(
+            self.say(
                 f"bamflow {self.name}: {reads_in:,} reads in, {sum(written.values()):,} written, "
-                f"{sum(dropped.values()):,} dropped {dropped or ''} in {seconds:.1f} s",
-                highlight=False,
-                soft_wrap=True,
+                f"{sum(dropped.values()):,} dropped {dropped or ''} in {seconds:.1f} s"
             )
         else:
             self.console.print(summary_table(f"bamflow {self.name}", reads_in, written, dropped, seconds))
 
 
-def _command_line() -> str:
-    return " ".join(shlex.quote(a) for a in ["bamflow", *sys.argv[1:]])
+def _publish_stats(path: Path, stats: dict[str, Any]) -> None:
+    """The stats JSON, written under a temporary name and renamed into place when complete (a
+    device such as /dev/stderr: written in place); called only after a run that succeeded."""
+    with Publication() as publication:
+        with open(publication.path(path), "w", encoding="utf-8") as f:
+            f.write(json.dumps(stats, indent=2, default=str) + "\n")
+        publication.commit()
+
+
+def command(epilog: str, *, name: str | None = None, level: bool = True) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register a command: its own parameters, then the shared options (``level=False``: no
+    --level, for the commands whose function takes no compression level). The function gets its
+    own arguments and, as ``common``, the shared ones in a :class:`Common`."""
+
+    def register(func: Callable[..., None]) -> Callable[..., None]:
+        shared = [p for p in SHARED if level or p.name != "level"]
+        own = [p for p in inspect.signature(func, eval_str=True).parameters.values() if p.name != "common"]
+        command_name = name or func.__name__
+
+        @functools.wraps(func)
+        def with_common(**arguments: Any) -> None:
+            options = {p.name: arguments.pop(p.name) for p in shared}
+            func(**arguments, common=Common(command_name, **options))
+
+        with_common.__signature__ = inspect.Signature(own + shared)  # type: ignore[attr-defined]
+        app.command(name=command_name, epilog=epilog)(with_common)
+        return func
+
+    return register
 
 
 # -- commands ---------------------------------------------------------------------------
 
 
-@app.command(epilog="Example: bamflow shard --by CB -n 16 -o shards/ in.bam")
+@command("Example: bamflow shard --by CB -n 16 -o shards/ in.bam")
 def shard(
-    input: str = typer.Argument(..., help="BAM, uncompressed BAM or SAM file; - for stdin."),
-    output: Path = typer.Option(..., "-o", "--output", help="Folder for the shards (created if missing)."),
+    input: Annotated[str, INPUT],
+    output: Annotated[Path, output_option("Folder for the shards (created if missing).")],
     by: str = typer.Option("CB", "--by", help="Tag(s) to shard by (CB, or CB,UB), or 'name' for read names."),
     n: int = typer.Option(16, "-n", "--shards", min=1, help="Number of shards."),
     missing: str = typer.Option("unassigned", "--missing", help="Reads without the tag: unassigned (own file), drop, error."),
     prefix: str = typer.Option("shard", "--prefix", help="Shard file names: PREFIX_000.bam …"),
-    threads: int = THREADS,
-    level: str | None = LEVEL,
-    stats: Path | None = STATS,
-    quiet: bool = QUIET,
-    progress: str = PROGRESS,
-    debug: bool = DEBUG,
+    *,
+    common: Common,
 ) -> None:
     """Split a BAM into N BAMs; all reads with one tag value (one cell) land in one shard.
 
@@ -178,54 +308,33 @@ def shard(
 
     if missing not in MISSING_POLICIES:
         raise typer.BadParameter(f"must be one of {', '.join(MISSING_POLICIES)}", param_hint="--missing")
-    session = Session("shard", input, quiet, debug, progress, stats)
-    lvl = _level(level)
-
-    def action(display: ProgressDisplay) -> dict[str, Any]:
-        result = shard_bam(
-            input,
-            output,
-            by=by,
-            n=n,
-            missing=missing,
-            threads=threads,
-            level=lvl,
-            prefix=prefix,
-            command_line=_command_line(),
-            on_progress=display,
-        )
-        return result.as_dict()
-
-    result = session.run(action)
-    session.summary(result["reads_in"], result["written"], result["dropped"], result["seconds"])
+    result = common.run(shard_bam, input, output, by=by, n=n, missing=missing, prefix=prefix, tally=_per_output)
     balance = result["balance"]
     if balance:
-        session.console.print(
+        common.say(
             f"balance: {balance['min']:,.0f}–{balance['max']:,.0f} reads per shard, "
             f"max/mean {balance['max_over_mean']:.2f}, CV {balance['cv']:.3f}; "
-            f"{result['values']:,} values in {result['manifest']}",
-            highlight=False,
-            soft_wrap=True,
+            f"{result['values']:,} values in {result['manifest']}"
         )
 
 
-@app.command(epilog="Example: bamflow split --by CB --min-reads 100 -o cells/ in.bam")
+@command("Example: bamflow split --by CB --min-reads 100 -o cells/ in.bam")
 def split(
-    input: str = typer.Argument(..., help="BAM, uncompressed BAM or SAM file; - for stdin."),
-    output: Path = typer.Option(..., "-o", "--output", help="Folder for the outputs (created if missing)."),
+    input: Annotated[str, INPUT],
+    output: Annotated[Path, output_option("Folder for the outputs (created if missing).")],
     by: str = typer.Option("CB", "--by", help="Tag(s) whose values name the outputs (CB, or CB,UB)."),
-    barcodes: Path | None = typer.Option(None, "--barcodes", help="Only these values (one per line; gzip ok)."),
-    groups: Path | None = typer.Option(None, "--groups", help="TSV value<TAB>group (sinto's format): one BAM per group."),
+    barcodes: Path | None = typer.Option(
+        None, "--barcodes", callback=_existing_file, help="Only these values (one per line; gzip ok)."
+    ),
+    groups: Path | None = typer.Option(
+        None, "--groups", callback=_existing_file, help="TSV value<TAB>group (sinto's format): one BAM per group."
+    ),
     min_reads: int | None = typer.Option(None, "--min-reads", min=1, help="Only values (or groups) with at least N reads."),
-    workers: int = typer.Option(2, "-w", "--workers", min=1, help="Worker processes writing outputs."),
+    workers: int = workers_option("Worker processes writing outputs."),
     memory: int = typer.Option(256, "--memory-mb", min=1, help="Record buffers shared by the workers, MB."),
     prefix: str = typer.Option("", "--prefix", help="Prefix of every output file name."),
-    threads: int = THREADS,
-    level: str | None = LEVEL,
-    stats: Path | None = STATS,
-    quiet: bool = QUIET,
-    progress: str = PROGRESS,
-    debug: bool = DEBUG,
+    *,
+    common: Common,
 ) -> None:
     """One BAM per tag value (per cell) or per group of values, in one pass.
 
@@ -237,47 +346,26 @@ def split(
 
     if barcodes is not None and groups is not None:
         raise typer.BadParameter("give --barcodes or --groups, not both", param_hint="--barcodes")
-    for path, hint in ((barcodes, "--barcodes"), (groups, "--groups")):
-        if path is not None and not path.is_file():
-            raise typer.BadParameter(f"'{path}' does not exist", param_hint=hint)
-    session = Session("split", input, quiet, debug, progress, stats)
-    lvl = _level(level)
 
-    def action(display: ProgressDisplay) -> dict[str, Any]:
-        return split_reads(
-            input,
-            output,
-            by=by,
-            values=barcodes,
-            groups=groups,
-            min_reads=min_reads,
-            workers=workers,
-            threads=threads,
-            level=lvl,
-            memory_budget=memory << 20,
-            prefix=prefix,
-            command_line=_command_line(),
-            on_progress=display,
-        )
+    def tally(result: dict[str, Any]) -> Tally:
+        dropped = {reason: n for reason, n in result["dropped"].items() if n}
+        return result["records_in"], {f"{result['files']:,} files": result["written"]}, dropped
 
-    result = session.run(action)
-    dropped = {reason: n for reason, n in result["dropped"].items() if n}
-    session.summary(result["records_in"], {f"{result['files']:,} files": result["written"]}, dropped, result["seconds"])
+    options = dict(by=by, values=barcodes, groups=groups, min_reads=min_reads, memory_budget=memory << 20, prefix=prefix)
+    common.run(split_reads, input, output, workers=workers, **options, tally=tally)
 
 
-@app.command(epilog="Example: bamflow filter --barcodes cells.txt in.bam -o subset.bam")
+@command("Example: bamflow filter --barcodes cells.txt in.bam -o subset.bam")
 def filter(
-    input: str = typer.Argument(..., help="BAM, uncompressed BAM or SAM file; - for stdin."),
-    output: str = typer.Option(..., "-o", "--output", help="Output BAM (- for stdout)."),
-    barcodes: Path = typer.Option(..., "--barcodes", help="Values to keep, one per line (gzip ok); any number."),
+    input: Annotated[str, INPUT],
+    output: Annotated[str, output_option("Output BAM (- for stdout).")],
+    barcodes: Path = typer.Option(
+        ..., "--barcodes", callback=_existing_file, help="Values to keep, one per line (gzip ok); any number."
+    ),
     tag: str = typer.Option("CB", "--tag", help="The tag (or tags, CB,UB) to look up."),
     invert: bool = typer.Option(False, "--invert", help="Keep the reads whose value is NOT listed."),
-    threads: int = THREADS,
-    level: str | None = LEVEL,
-    stats: Path | None = STATS,
-    quiet: bool = QUIET,
-    progress: str = PROGRESS,
-    debug: bool = DEBUG,
+    *,
+    common: Common,
 ) -> None:
     """Keep the reads whose tag value is in a list (like subset-bam or samtools view -D).
 
@@ -285,275 +373,147 @@ def filter(
     """
     from bamflow.bam.split import filter_reads
 
-    if not barcodes.is_file():
-        raise typer.BadParameter(f"'{barcodes}' does not exist", param_hint="--barcodes")
-    session = Session("filter", input, quiet, debug, progress, stats)
-    lvl = _level(level)
+    def tally(result: dict[str, Any]) -> Tally:
+        dropped = {"not listed": result["dropped_not_listed"], "missing tag": result["dropped_missing_tag"]}
+        return result["records_in"], {output: result["kept"]}, {k: v for k, v in dropped.items() if v}
 
-    def action(display: ProgressDisplay) -> dict[str, Any]:
-        return dict(
-            filter_reads(
-                input,
-                output,
-                tag=tag,
-                values=barcodes,
-                invert=invert,
-                threads=threads,
-                level=lvl,
-                command_line=_command_line(),
-                on_progress=display,
-            )
-        )
-
-    result = session.run(action)
-    dropped = {"not listed": result["dropped_not_listed"], "missing tag": result["dropped_missing_tag"]}
-    session.summary(result["records_in"], {output: result["kept"]}, {k: v for k, v in dropped.items() if v}, result["seconds"])
+    common.run(filter_reads, input, output, tag=tag, values=barcodes, invert=invert, tally=tally)
 
 
-@app.command(name="tag", epilog="Example: bamflow tag --layout 10x-v3 R1.fastq.gz R2.fastq.gz -o unaligned.bam")
+@command("Example: bamflow tag --layout 10x-v3 R1.fastq.gz R2.fastq.gz -o unaligned.bam", name="tag")
 def tag_fastq(
-    read1: str = typer.Argument(..., help="Read 1 FASTQ (barcode and UMI; gzip or plain; - for stdin)."),
-    read2: str = typer.Argument(..., help="Read 2 FASTQ (cDNA)."),
-    output: str = typer.Option(..., "-o", "--output", help="Unaligned BAM to write (- for stdout)."),
+    read1: Annotated[str, input_argument("Read 1 FASTQ (barcode and UMI; gzip or plain; - for stdin).")],
+    read2: Annotated[str, input_argument("Read 2 FASTQ (cDNA).")],
+    output: Annotated[str, output_option("Unaligned BAM to write (- for stdout).")],
     layout: str = typer.Option(
         "10x-v3", "--layout", help="10x-v2, 10x-v3, dropseq, visium, slideseq, or CB=r1[0:16],UMI=r1[16:28]."
     ),
     sample: str = typer.Option("sample", "--sample", help="Sample name for the read group."),
-    threads: int = THREADS,
-    level: str | None = LEVEL,
-    stats: Path | None = STATS,
-    quiet: bool = QUIET,
-    progress: str = PROGRESS,
-    debug: bool = DEBUG,
+    *,
+    common: Common,
 ) -> None:
     """FASTQ pair → unaligned BAM with raw barcode and UMI tags (CR CY UR UY) and a read group."""
     from bamflow.presets.tag import tag
 
-    session = Session("tag", read1, quiet, debug, progress, stats)
-    if read2 != "-" and not os.path.exists(read2):
-        raise typer.BadParameter(f"'{read2}' does not exist", param_hint="READ2")
-    lvl = _level(level)
-    result = session.run(
-        lambda display: tag(
-            read1, read2, output, layout=layout, sample=sample, threads=threads, level=lvl, command_line=_command_line()
-        )
-    )
-    session.summary(result["reads_in"], {output: result["written"]}, result["dropped"], result["seconds"])
+    common.run(tag, read1, read2, output, layout=layout, sample=sample, tally=_written_to(output))
 
 
-@app.command(epilog="Example: bamflow correct --whitelist 3M-february-2018.txt.gz in.bam -o corrected.bam")
+@command("Example: bamflow correct --whitelist 3M-february-2018.txt.gz in.bam -o corrected.bam")
 def correct(
-    input: str = typer.Argument(..., help="BAM with raw barcodes (CR, qualities in CY)."),
-    output: str = typer.Option(..., "-o", "--output", help="BAM with corrected barcodes (CB)."),
-    whitelist: Path = typer.Option(..., "--whitelist", help="Barcode whitelist, one per line (gzip ok)."),
-    workers: int = typer.Option(2, "-w", "--workers", min=1, help="Worker processes."),
-    threads: int = THREADS,
-    level: str | None = LEVEL,
-    stats: Path | None = STATS,
-    quiet: bool = QUIET,
-    progress: str = PROGRESS,
-    debug: bool = DEBUG,
+    input: Annotated[str, input_argument("BAM with raw barcodes (CR, qualities in CY).")],
+    output: Annotated[str, output_option("BAM with corrected barcodes (CB).")],
+    whitelist: Path = typer.Option(
+        ..., "--whitelist", callback=_existing_file, help="Barcode whitelist, one per line (gzip ok)."
+    ),
+    workers: int = workers_option(),
+    *,
+    common: Common,
 ) -> None:
     """Correct cell barcodes against a whitelist as Cell Ranger does (exact, else 1 mismatch by posterior)."""
     from bamflow.presets.correct import correct as correct_barcodes
 
-    if not whitelist.is_file():
-        raise typer.BadParameter(f"'{whitelist}' does not exist", param_hint="--whitelist")
-    session = Session("correct", input, quiet, debug, progress, stats)
-    lvl = _level(level)
-    result = session.run(
-        lambda display: correct_barcodes(
-            input,
-            output,
-            whitelist=whitelist,
-            workers=workers,
-            threads=threads,
-            level=lvl,
-            command_line=_command_line(),
-            on_progress=display,
-        )
-    )
-    session.summary(result["reads_in"], {output: result["written"]}, result["dropped"], result["seconds"])
+    common.run(correct_barcodes, input, output, whitelist=whitelist, workers=workers, tally=_written_to(output))
 
 
-@app.command(epilog="Example: bamflow histogram --tag CB in.bam -o reads_per_cell.txt.gz")
+@command("Example: bamflow histogram --tag CB in.bam -o reads_per_cell.txt.gz", level=False)
 def histogram(
-    input: str = typer.Argument(..., help="BAM, uncompressed BAM or SAM file; - for stdin."),
-    output: str = typer.Option(..., "-o", "--output", help="count<TAB>value lines (.gz: gzip; - for stdout)."),
+    input: Annotated[str, INPUT],
+    output: Annotated[str, output_option("count<TAB>value lines (.gz: gzip; - for stdout).")],
     tag: str = typer.Option("CB", "--tag", help="The tag to count reads of."),
     read_quality: int | None = typer.Option(None, "--read-quality", min=0, help="Skip reads below this MAPQ."),
     filter_pcr_duplicates: bool = typer.Option(False, "--filter-pcr-duplicates", help="Skip reads flagged as duplicates."),
-    workers: int = typer.Option(1, "-w", "--workers", min=1, help="Counting processes."),
-    threads: int = THREADS,
-    stats: Path | None = STATS,
-    quiet: bool = QUIET,
-    progress: str = PROGRESS,
-    debug: bool = DEBUG,
+    workers: int = workers_option("Counting processes.", default=1),
+    *,
+    common: Common,
 ) -> None:
     """Reads per tag value (Drop-seq BamTagHistogram), secondary alignments skipped."""
     from bamflow.presets.histogram import histogram as tag_histogram
 
-    session = Session("histogram", input, quiet, debug, progress, stats)
-    result = session.run(
-        lambda display: tag_histogram(
-            input,
-            output,
-            tag=tag,
-            read_quality=read_quality,
-            filter_pcr_duplicates=filter_pcr_duplicates,
-            workers=workers,
-            threads=threads,
-            on_progress=display,
-        )
-    )
-    session.summary(result["reads_in"], {output: result["written"]}, result["dropped"], result["seconds"])
+    options = dict(tag=tag, read_quality=read_quality, filter_pcr_duplicates=filter_pcr_duplicates)
+    common.run(tag_histogram, input, output, workers=workers, **options, tally=_written_to(output))
 
 
-METHODS = "unique, percentile, cluster, adjacency or directional (umi_tools' definitions)."
-
-
-@app.command(epilog="Example: bamflow dedup --method directional in.bam -o dedup.bam")
+@command("Example: bamflow dedup --method directional in.bam -o dedup.bam")
 def dedup(
-    input: str = typer.Argument(..., help="Coordinate-sorted BAM; - for stdin."),
-    output: str = typer.Option(..., "-o", "--output", help="Deduplicated BAM (- for stdout)."),
-    method: str = typer.Option("directional", "--method", help=METHODS),
+    input: Annotated[str, input_argument("Coordinate-sorted BAM; - for stdin.")],
+    output: Annotated[str, output_option("Deduplicated BAM (- for stdout).")],
+    method: str = METHOD,
     umi: str = typer.Option("tag:UB", "--umi", help="tag:XX, read_name (_UMI suffix) or read_name_cell (_CELL_UMI)."),
-    cell_tag: str = typer.Option("CB", "--cell-tag", help="Cell barcode tag."),
+    cell_tag: str = CELL_TAG,
     per_cell: bool = typer.Option(True, "--per-cell/--not-per-cell", help="Deduplicate within each cell."),
     gene_tag: str | None = typer.Option(None, "--gene-tag", help="Also group by this gene tag (per gene)."),
     mark: bool = typer.Option(False, "--mark", help="Flag duplicates (0x400) instead of removing them."),
-    workers: int = typer.Option(2, "-w", "--workers", min=1, help="Worker processes (cells are sharded over them)."),
-    threads: int = THREADS,
-    level: str | None = LEVEL,
-    stats: Path | None = STATS,
-    quiet: bool = QUIET,
-    progress: str = PROGRESS,
-    debug: bool = DEBUG,
+    workers: int = workers_option(SHARDED_WORKERS),
+    *,
+    common: Common,
 ) -> None:
     """UMI deduplication by alignment position, per cell, as umi_tools dedup does."""
     from bamflow.presets.dedup import dedup as dedup_reads
 
-    session = Session("dedup", input, quiet, debug, progress, stats)
-    lvl = _level(level)
-    result = session.run(
-        lambda display: dedup_reads(
-            input,
-            output,
-            method=method,
-            umi=umi,
-            cell_tag=cell_tag,
-            per_cell=per_cell,
-            gene_tag=gene_tag,
-            mark=mark,
-            workers=workers,
-            threads=threads,
-            level=lvl,
-            command_line=_command_line(),
-            on_progress=display,
-        )
-    )
-    session.summary(result["reads_in"], {output: result["written"]}, result["dropped"], result["seconds"])
+    options = dict(method=method, umi=umi, cell_tag=cell_tag, per_cell=per_cell, gene_tag=gene_tag, mark=mark)
+    common.run(dedup_reads, input, output, workers=workers, **options, tally=_written_to(output))
 
 
-@app.command(epilog="Example: bamflow count --gene-tag GX in.bam -o counts/")
+TAGGED_INPUT = input_argument("BAM with cell, UMI and gene tags; - for stdin.")
+
+
+@command("Example: bamflow count --gene-tag GX in.bam -o counts/", level=False)
 def count(
-    input: str = typer.Argument(..., help="BAM with cell, UMI and gene tags; - for stdin."),
-    output: Path = typer.Option(
-        ..., "-o", "--output", help="Folder: matrix.mtx.gz, barcodes.tsv.gz, features.tsv.gz, counts.tsv, counts.h5ad."
-    ),
-    method: str = typer.Option("directional", "--method", help=METHODS),
+    input: Annotated[str, TAGGED_INPUT],
+    output: Annotated[Path, output_option("Folder: matrix.mtx.gz, barcodes.tsv.gz, features.tsv.gz, counts.tsv, counts.h5ad.")],
+    method: str = METHOD,
     gene_tag: str = typer.Option("GX", "--gene-tag", help="Gene id tag."),
     name_tag: str = typer.Option("GN", "--name-tag", help="Gene name tag (features.tsv)."),
-    cell_tag: str = typer.Option("CB", "--cell-tag", help="Cell barcode tag."),
-    umi_tag: str = typer.Option("UB", "--umi-tag", help="UMI tag."),
-    cells: Path | None = typer.Option(None, "--cells", help="Only these cells (one barcode per line)."),
+    cell_tag: str = CELL_TAG,
+    umi_tag: str = UMI_TAG,
+    cells: Path | None = typer.Option(None, "--cells", callback=_existing_file, help="Only these cells (one barcode per line)."),
     min_umis: int | None = typer.Option(None, "--min-umis", min=1, help="Only cells with at least N UMIs."),
-    workers: int = typer.Option(2, "-w", "--workers", min=1, help="Worker processes (cells are sharded over them)."),
-    threads: int = THREADS,
-    stats: Path | None = STATS,
-    quiet: bool = QUIET,
-    progress: str = PROGRESS,
-    debug: bool = DEBUG,
+    workers: int = workers_option(SHARDED_WORKERS),
+    *,
+    common: Common,
 ) -> None:
     """Gene × cell UMI counts (as umi_tools count --per-gene --per-cell) → 10x MTX folder, TSV, h5ad."""
     from bamflow.presets.count import count as count_umis
 
-    if cells is not None and not cells.is_file():
-        raise typer.BadParameter(f"'{cells}' does not exist", param_hint="--cells")
-    session = Session("count", input, quiet, debug, progress, stats)
-    result = session.run(
-        lambda display: count_umis(
-            input,
-            output,
-            method=method,
-            gene_tag=gene_tag,
-            name_tag=name_tag,
-            cell_tag=cell_tag,
-            umi_tag=umi_tag,
-            cells=cells,
-            min_umis=min_umis,
-            workers=workers,
-            threads=threads,
-            on_progress=display,
-        )
-    )
-    session.summary(result["reads_in"], {"counted": result.get("counted", 0)}, result.get("dropped", {}), result["seconds"])
+    options = dict(method=method, gene_tag=gene_tag, name_tag=name_tag, cell_tag=cell_tag, umi_tag=umi_tag)
+    common.run(count_umis, input, output, cells=cells, min_umis=min_umis, workers=workers, **options, tally=_counted)
 
 
-@app.command(epilog="Example: bamflow qc in.bam -o qc/")
+@command("Example: bamflow qc in.bam -o qc/", level=False)
 def qc(
-    input: str = typer.Argument(..., help="BAM with cell, UMI and gene tags; - for stdin."),
-    output: Path = typer.Option(..., "-o", "--output", help="Folder: per_cell.tsv, summary.json, knee.svg/png, report.html."),
-    method: str = typer.Option("directional", "--method", help=METHODS),
-    cell_tag: str = typer.Option("CB", "--cell-tag", help="Cell barcode tag."),
-    umi_tag: str = typer.Option("UB", "--umi-tag", help="UMI tag."),
+    input: Annotated[str, TAGGED_INPUT],
+    output: Annotated[Path, output_option("Folder: per_cell.tsv, summary.json, knee.svg/png, report.html.")],
+    method: str = METHOD,
+    cell_tag: str = CELL_TAG,
+    umi_tag: str = UMI_TAG,
     gene_tag: str = typer.Option("GX", "--gene-tag", help="Gene tag."),
     min_umis: int | None = typer.Option(None, "--min-umis", min=0, help="Call cells with at least N UMIs (default: the knee)."),
-    workers: int = typer.Option(2, "-w", "--workers", min=1, help="Worker processes (cells are sharded over them)."),
-    threads: int = THREADS,
-    stats: Path | None = STATS,
-    quiet: bool = QUIET,
-    progress: str = PROGRESS,
-    debug: bool = DEBUG,
+    workers: int = workers_option(SHARDED_WORKERS),
+    *,
+    common: Common,
 ) -> None:
     """Per-cell QC: reads, UMIs, genes, duplication rate; knee plot and a self-contained HTML report."""
     from bamflow.presets.qc import qc as run_qc
 
-    session = Session("qc", input, quiet, debug, progress, stats)
-    result = session.run(
-        lambda display: run_qc(
-            input,
-            output,
-            cell_tag=cell_tag,
-            umi_tag=umi_tag,
-            gene_tag=gene_tag,
-            method=method,
-            min_umis=min_umis,
-            workers=workers,
-            threads=threads,
-            on_progress=display,
-        )
-    )
-    session.summary(result["reads_in"], {"counted": result.get("counted", 0)}, result.get("dropped", {}), result["seconds"])
+    options = dict(method=method, cell_tag=cell_tag, umi_tag=umi_tag, gene_tag=gene_tag, min_umis=min_umis)
+    common.run(run_qc, input, output, workers=workers, **options, tally=_counted)
 
 
-@app.command(epilog="Example: bamflow run my_module:fix_read --by CB -w 4 in.bam -o out.bam")
+@command("Example: bamflow run my_module:fix_read --by CB -w 4 in.bam -o out.bam")
 def run(
-    function: str = typer.Argument(..., help="MODULE:FUNC or path/to/file.py:FUNC; FUNC(read) returns the read, None or reads."),
-    input: str = typer.Argument(..., help="BAM, uncompressed BAM or SAM file; - for stdin."),
-    output: str = typer.Option(..., "-o", "--output", help="Output BAM (- for stdout)."),
+    function: Annotated[
+        str, typer.Argument(help="MODULE:FUNC or path/to/file.py:FUNC; FUNC(read) returns the read, None or reads.")
+    ],
+    input: Annotated[str, INPUT],
+    output: Annotated[str, output_option("Output BAM (- for stdout).")],
     by: str | None = typer.Option(None, "--by", help="Send reads with the same tag value(s) (CB, CB,UB) or 'name' together."),
-    workers: int = typer.Option(2, "-w", "--workers", min=1, help="Worker processes."),
+    workers: int = workers_option(),
     order: str = typer.Option("input", "--order", help="Output order: input, any, coordinate, tag:XX."),
     missing: str = typer.Option("error", "--missing", help="Reads without the --by tag: error or drop."),
     chunk_size: int = typer.Option(1000, "--chunk-size", min=1, help="Reads dealt to a worker at a time (without --by)."),
     fmt: str = typer.Option("bam", "--format", help="Output format: bam, ubam (uncompressed) or sam."),
-    threads: int = THREADS,
-    level: str | None = LEVEL,
-    stats: Path | None = STATS,
-    quiet: bool = QUIET,
-    progress: str = PROGRESS,
-    debug: bool = DEBUG,
+    *,
+    common: Common,
 ) -> None:
     """Run your per-read Python function over a BAM in parallel worker processes."""
     from bamflow.bam.api import map_reads
@@ -567,29 +527,8 @@ def run(
     if order == "input" and by is not None:
         order = "any"  # sharding by a key cannot keep the input order
     func = _load_function(function)
-    session = Session("run", input, quiet, debug, progress, stats)
-    lvl = _level(level)
-
-    def action(display: ProgressDisplay) -> dict[str, Any]:
-        result = map_reads(
-            input,
-            func,
-            output,
-            by=by,
-            workers=workers,
-            order=order,
-            threads=threads,
-            level=lvl,
-            chunk_size=chunk_size,
-            missing=missing,
-            fmt=fmt,
-            command_line=_command_line(),
-            on_progress=display,
-        )
-        return result.as_dict()
-
-    result = session.run(action)
-    session.summary(result["reads_in"], {output: result["written"]}, result["dropped"], result["seconds"])
+    options = dict(by=by, order=order, chunk_size=chunk_size, missing=missing, fmt=fmt)
+    common.run(map_reads, input, func, output, workers=workers, **options, tally=_written_to(output))
 
 
 def _load_function(spec: str) -> Callable[..., Any]:

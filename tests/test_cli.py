@@ -11,6 +11,7 @@ from collections import Counter
 
 import pysam
 import pytest
+import typer
 from bamfiles import read_records, write_bam
 from bamflow.cli.display import ProgressDisplay
 from bamflow.cli.main import app
@@ -268,3 +269,133 @@ def test_qc_command(tmp_path):
     rows = [line.split("\t") for line in (out / "per_cell.tsv").read_text().splitlines()[1:]]
     assert {row[0] for row in rows} == {cb for _, cb in cells_of(src) if cb}
     assert (out / "report.html").read_text().count("<svg") >= 1
+
+
+# -- the shared options: declared once, taken by every command ------------------------------------
+
+COMMANDS = ("shard", "split", "filter", "tag", "correct", "histogram", "dedup", "count", "qc", "run")
+WITHOUT_LEVEL = ("histogram", "count", "qc")  # their functions take no compression level
+
+
+def click_commands():
+    return typer.main.get_command(app).commands
+
+
+def options_of(command):
+    return {param.name: param for param in click_commands()[command].params}
+
+
+def test_every_command_takes_the_shared_options():
+    assert sorted(click_commands()) == sorted(COMMANDS)
+    for command in COMMANDS:
+        params = options_of(command)
+        names = list(params)
+        shared = ["threads", "level", "stats", "quiet", "progress", "debug"]
+        if command in WITHOUT_LEVEL:
+            shared.remove("level")
+        assert names[-len(shared) :] == shared, (command, names)  # after the command's own, in this order
+        assert params["threads"].opts == ["-@", "--threads"] and params["threads"].default == 2
+        assert params["stats"].opts == ["--stats"] and params["stats"].default is None
+        assert params["quiet"].opts == ["-q", "--quiet"] and params["quiet"].default is False
+        assert params["progress"].opts == ["--progress"] and params["progress"].default == "auto"
+        assert params["debug"].opts == ["--debug"] and params["debug"].default is False
+        if "level" in params:
+            assert params["level"].opts == ["--level"] and params["level"].default is None
+        assert params["output"].opts == ["-o", "--output"] and params["output"].required
+        for param in params.values():
+            assert param.param_type_name == "argument" or param.help, (command, param.name)  # every option explains itself
+        if "workers" in params:
+            assert params["workers"].opts == ["-w", "--workers"]
+            assert params["workers"].default == (1 if command == "histogram" else 2)
+        help_text = runner.invoke(app, [command, "--help"]).output
+        for flag in ("--threads", "--stats", "--quiet", "--progress", "--debug", "--output"):
+            assert flag in help_text, (command, flag)
+        assert ("--level" in help_text) == (command not in WITHOUT_LEVEL)
+
+
+def test_shared_options_are_checked_before_the_run(tmp_path, bam, monkeypatch):
+    src, _ = bam
+    import bamflow.bam.shard
+
+    def never(*args, **kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(bamflow.bam.shard, "shard", never)
+    out = tmp_path / "shards"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    cases = [
+        (["--stats", str(tmp_path / "no" / "such" / "folder" / "s.json")], "--stats"),
+        (["--stats", str(a_file / "s.json")], "--stats"),
+        (["--stats", str(tmp_path)], "--stats"),
+        (["--level", "fastest"], "--level"),
+        (["--level", "-1"], "--level"),
+        (["--progress", "sometimes"], "--progress"),
+        (["-@", "0"], "--threads"),
+    ]
+    for extra, hint in cases:
+        result = runner.invoke(app, ["shard", "-o", str(out), str(src), *extra])
+        assert result.exit_code == 2, (extra, result.output)
+        assert hint in result.stderr, (extra, result.stderr)
+    assert not out.exists()
+
+
+def test_stats_to_a_read_only_folder_exits_2_before_the_run(tmp_path, bam, monkeypatch):
+    src, _ = bam
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:  # root may write anywhere: let access() answer as for anyone else
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode: access(path, mode) and os.fspath(path) != str(locked))
+    try:
+        result = runner.invoke(app, ["shard", "-o", str(tmp_path / "shards"), str(src), "--stats", str(locked / "s.json")])
+    finally:
+        locked.chmod(0o755)
+    assert result.exit_code == 2 and "cannot write to the folder" in result.stderr
+    assert not (tmp_path / "shards").exists()
+
+
+def test_stats_file_is_published_only_when_the_run_succeeds(tmp_path, bam):
+    src, reads = bam
+    broken = tmp_path / "broken.bam"
+    broken.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    stats_dir = tmp_path / "stats"
+    stats_dir.mkdir()
+    stats = stats_dir / "run.json"
+    (tmp_path / "cells.txt").write_text("AAAA\n")
+    for command in (["filter", "--barcodes", str(tmp_path / "cells.txt")], ["histogram"]):
+        failed = runner.invoke(app, [*command, str(broken), "-o", str(tmp_path / "out"), "-q", "--stats", str(stats)])
+        assert failed.exit_code == 1, failed.output
+        assert len(failed.stderr.strip().splitlines()) == 1 and failed.stderr.startswith(f"bamflow {command[0]}: error: ")
+        assert os.listdir(stats_dir) == []  # neither the stats file nor a temporary one
+    done = runner.invoke(app, ["histogram", str(src), "-o", str(tmp_path / "hist.txt"), "-q", "--stats", str(stats)])
+    assert done.exit_code == 0, done.output
+    assert os.listdir(stats_dir) == ["run.json"]
+    written = json.loads(stats.read_text())
+    assert written["reads_in"] == len(reads) and written["seconds"] > 0
+
+
+def test_shared_options_reach_the_python_api(tmp_path, bam, monkeypatch):
+    """threads, the parsed level, the command line and the display go to the function; the
+    input is checked and the summary printed, the same for every command."""
+    src, _ = bam
+    import bamflow.presets.dedup
+
+    seen = {}
+
+    def fake_dedup(input, output, **kwargs):
+        seen.update(kwargs, input=input, output=output)
+        return {"reads_in": 10, "written": 7, "dropped": {"duplicate": 3}}
+
+    monkeypatch.setattr(bamflow.presets.dedup, "dedup", fake_dedup)
+    args = ["dedup", str(src), "-o", "-", "-@", "3", "-w", "5", "--method", "unique", "-q"]
+    result = runner.invoke(app, [*args, "--level", "fast"])
+    assert result.exit_code == 0, result.output
+    assert seen["threads"] == 3 and seen["level"] == "fast" and seen["workers"] == 5 and seen["method"] == "unique"
+    assert callable(seen["on_progress"]) and seen["command_line"].startswith("bamflow ")
+    assert seen["input"] == str(src) and seen["output"] == "-"
+    assert result.stderr.startswith("bamflow dedup: 10 reads in, 7 written, 3 dropped")
+    seen.clear()
+    assert runner.invoke(app, [*args, "--level", "9"]).exit_code == 0
+    assert seen["level"] == 9  # parsed to an int
