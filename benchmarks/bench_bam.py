@@ -115,7 +115,10 @@ CAPTURED = []
 
 def _capture_workflows():
     """Keep every bamflow Workflow that runs, to read its job_stats afterwards."""
-    import bamflow.workflow as wfm
+    try:  # the engine's module (bamflow.workflow before the engine had its own package)
+        import bamflow.engine.workflow as wfm
+    except ImportError:
+        import bamflow.workflow as wfm  # type: ignore[no-redef]
 
     original = wfm.Workflow.run
 
@@ -135,6 +138,8 @@ def run_one(system: str, inp: str, out: str, stats_path: str | None) -> int:
         from bamflow import FIFO
 
         level = "fast" if system.endswith("-fast") else None
+        # chunk boundaries: frames (since the record layer) or marker reads (before), for before/after runs
+        framing = {"frame_chunks": True} if hasattr(bf, "BamWorkflow") else {"mark_chunks": True}
         w = (
             bf.Workflow("w1")
             .BAM_reader(input=inp, output=FIFO("input_bam", "wb"))
@@ -142,7 +147,7 @@ def run_one(system: str, inp: str, out: str, stats_path: str | None) -> int:
                 input=FIFO("input_bam", "rb"),
                 outputs=FIFO("dist{n}", "wb", n=2),
                 header_fifo=FIFO("header", "wb"),
-                mark_chunks=True,
+                **framing,
             )
             .workers(input=FIFO("dist{n}", "rb"), output=FIFO("out{n}", "wb"), func=pass_through, n=2)
             .collect_bam(
@@ -624,21 +629,22 @@ def dir_stats_dict(out: str) -> dict:
 def stage_bench(inp: str, work: str, repeats: int, log) -> dict:
     """Each stage alone in this process, from files to /dev/null; M records/s."""
     from bamflow.bam.bgzf import DEFAULT_LEVEL, BgzfReader, BgzfWriter
+    from bamflow.bam.options import CollectOptions, DistributeOptions
     from bamflow.kernels.bam import collect_bam, distribute_bam
 
     raw = os.path.join(work, "stage_raw.bam")  # raw BAM stream: BAM\1, header, records
-    parts = [os.path.join(work, f"stage_part{i}.bam") for i in range(2)]  # with chunk-end markers
+    parts = [os.path.join(work, f"stage_part{i}.bam") for i in range(2)]  # with chunk-end frames
     plain = [os.path.join(work, f"stage_plain{i}.bam") for i in range(2)]  # without
     with BgzfReader(inp, threads=2) as r, open(raw, "wb") as f:
         shutil.copyfileobj(r, f, 1 << 20)
     with open(raw, "rb") as f:
         fds = [os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) for p in parts]
-        res = distribute_bam(f.fileno(), fds, mark_chunks=True)
+        res = distribute_bam(f.fileno(), fds, DistributeOptions(frame_chunks=True))
         for fd in fds:
             os.close(fd)
         f.seek(0)
         fds = [os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) for p in plain]
-        distribute_bam(f.fileno(), fds)
+        distribute_bam(f.fileno(), fds, DistributeOptions())
         for fd in fds:
             os.close(fd)
     records = res["records"]
@@ -665,13 +671,13 @@ def stage_bench(inp: str, work: str, repeats: int, log) -> dict:
 
     def distribute(by):
         with open(raw, "rb", buffering=0) as f:
-            r = distribute_bam(f.fileno(), [devnull, devnull], by=by, missing="drop")
+            r = distribute_bam(f.fileno(), [devnull, devnull], DistributeOptions(by=by, missing="drop"))
         assert r["records"] == records
 
     def collect(order):
         fs = [open(p, "rb", buffering=0) for p in (parts if order == "input" else plain)]
         try:
-            r = collect_bam([f.fileno() for f in fs], devnull, order=order)
+            r = collect_bam([f.fileno() for f in fs], devnull, CollectOptions(order))
         finally:
             for f in fs:
                 f.close()
@@ -685,9 +691,9 @@ def stage_bench(inp: str, work: str, repeats: int, log) -> dict:
         ("encode fast (BgzfWriter, threads=1)", lambda: encode(1, "fast")),
         ("encode fast (BgzfWriter, threads=2)", lambda: encode(2, "fast")),
         ("distribute kernel, round-robin, 2 outputs", lambda: distribute(None)),
-        ("distribute kernel, by CB, 2 outputs", lambda: distribute([b"CB"])),
+        ("distribute kernel, by CB, 2 outputs", lambda: distribute("CB")),
         ("collect kernel, order=any, 2 inputs", lambda: collect("any")),
-        ("collect kernel, order=input (markers), 2 inputs", lambda: collect("input")),
+        ("collect kernel, order=input (frames), 2 inputs", lambda: collect("input")),
     ]
     out: dict[str, list[dict]] = {}
     for rep in range(repeats):

@@ -24,14 +24,15 @@ import time
 
 
 def kernel_cpu(raw: str, with_counters: bool, by: list[bytes] | None) -> float:
+    from bamflow.bam.options import DistributeOptions
+    from bamflow.engine.progress import JobCounters
     from bamflow.kernels.bam import distribute_bam
-    from bamflow.progress import JobCounters
 
     fd = os.open(raw, os.O_RDONLY)
     outs = [os.open(os.devnull, os.O_WRONLY) for _ in range(4)]
     slot = JobCounters.detached().slot if with_counters else None
     before = resource.getrusage(resource.RUSAGE_SELF)
-    distribute_bam(fd, outs, by=by, progress=slot, missing="drop")
+    distribute_bam(fd, outs, DistributeOptions(by=by, missing="drop"), progress=slot)
     after = resource.getrusage(resource.RUSAGE_SELF)
     for x in [fd, *outs]:
         os.close(x)
@@ -67,7 +68,7 @@ def main() -> None:
         out.write(isal.igzip.decompress(f.read()))
     print("| measurement | without | with | cost |")
     print("| --- | ---: | ---: | ---: |")
-    for label, by in (("distribute_bam round-robin, CPU s", None), ("distribute_bam by CB, CPU s", [b"CB"])):
+    for label, by in (("distribute_bam round-robin, CPU s", None), ("distribute_bam by CB, CPU s", "CB")):
         runs: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(args.repeats):
             for with_counters in (False, True):

@@ -2,8 +2,11 @@
 sizes down to one byte so that every line boundary falls across a refill."""
 
 import os
+import subprocess
+import sys
 import tempfile
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -223,3 +226,76 @@ def test_collect_passes_every_line_whole(streams, unterminated, buffer_size, ord
     ]
     if len(streams) == 1:  # one input: its order is kept exactly
         assert merged == b"".join(expected)
+
+
+def test_round_robin_collect_passes_lines_out_of_turn_instead_of_stalling():
+    """Input 0 stays silent while the others are read_ahead bytes ahead: after
+    stall_ms their lines go out of turn; none is lost, each input keeps its order."""
+    late = [b"late%d\n" % i for i in range(3)]
+    others = [[b"in%d-%d\n" % (k, i) for i in range(50)] for k in (1, 2)]
+    with Files() as files:
+        in_fds = [os.open(files.new(b"".join(lines)), os.O_RDONLY) for lines in others]
+        out = files.new()
+        out_fd = os.open(out, os.O_WRONLY)
+        silent_r, silent_w = os.pipe()
+        # another process (the kernel holds the GIL while it waits) writes input 0
+        # once output has come, which before input 0's first chunk is out of turn
+        wait_then_write = (
+            "import os, sys, time\n"
+            "deadline = time.monotonic() + 60\n"
+            "while os.path.getsize(sys.argv[1]) == 0 and time.monotonic() < deadline:\n"
+            "    time.sleep(0.01)\n"
+            f"os.write(1, {b''.join(late)!r})\n"
+        )
+        writer = subprocess.Popen([sys.executable, "-c", wait_then_write, out], stdout=silent_w)
+        os.close(silent_w)
+        try:
+            stats = collect_lines(
+                [silent_r, *in_fds], out_fd, LineCollectOptions(order="round-robin"), buffer_size=8, read_ahead=16, stall_ms=20
+            )
+        finally:
+            writer.wait()
+            for fd in [silent_r, *in_fds, out_fd]:
+                os.close(fd)
+        merged = newline_lines(open(out, "rb").read())
+    assert stats["out_of_turn"] >= 1
+    assert stats["per_input"] == [3, 50, 50]
+    assert merged[:1] != [late[0]]
+    for lines in [late, *others]:
+        assert [line for line in merged if line in lines] == lines
+
+
+def _failing_detect(line):
+    raise ZeroDivisionError("predicate failed")
+
+
+@pytest.mark.parametrize(
+    "n_out, kwargs, error",
+    [
+        (2, {"header_prefix": "@"}, None),
+        (2, {}, None),
+        (0, {"header_prefix": "@"}, ValueError),
+        (2, {"header_prefix": "@", "buffer_size": 0}, ValueError),
+        (2, {"header_detect_func": _failing_detect}, ZeroDivisionError),
+    ],
+)
+def test_distribute_closes_header_fd_on_every_path(n_out, kwargs, error):
+    options, kwargs = split_options(LineDistributeOptions, kwargs)
+    header_r, header_w = os.pipe()
+    os.set_blocking(header_r, False)
+    with Files() as files:
+        in_fd = os.open(files.new(b"@h\nbody\n"), os.O_RDONLY)
+        out_fds = [os.open(files.new(), os.O_WRONLY) for _ in range(n_out)]
+        try:
+            if error is None:
+                distribute_lines(in_fd, out_fds, options, header_fd=header_w, **kwargs)
+            else:
+                with pytest.raises(error):
+                    distribute_lines(in_fd, out_fds, options, header_fd=header_w, **kwargs)
+            # every write end closed: the header, then end of file (not EAGAIN)
+            expected = b"@h\n" if error is None and options.detects_header else b""
+            assert os.read(header_r, 100) == expected
+            assert os.read(header_r, 100) == b""
+        finally:
+            for fd in [in_fd, header_r, *out_fds]:
+                os.close(fd)

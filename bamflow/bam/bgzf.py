@@ -127,6 +127,17 @@ def compress_block(data: bytes, level: Level = DEFAULT_LEVEL, backend: Backend =
     return _pack_block(bytes(data), _compressor(level, backend))
 
 
+def _endpoint(target: Source, flags: int, close: bool | None) -> tuple[str, int | None, BinaryIO | None, bool]:
+    """(name, fd or None, file object or None, whether close() closes it) of a
+    path (opened here with ``flags``; closed by default), fd or file object."""
+    name = _source_name(target)
+    if isinstance(target, (str, os.PathLike)):
+        return name, os.open(target, flags, 0o666), None, True if close is None else close
+    if isinstance(target, int):
+        return name, target, None, bool(close)
+    return name, None, target, bool(close)
+
+
 def _source_name(obj: object) -> str:
     if isinstance(obj, int):
         return f"fd {obj}"
@@ -167,17 +178,9 @@ class BgzfWriter:
         self._compress = _compressor(level, backend)
         if threads < 0:
             raise ValueError(f"threads must be >= 0, not {threads}")
-        self.name = _source_name(output)
-        self._fd: int | None = None
-        self._file: BinaryIO | None = None
-        if isinstance(output, (str, os.PathLike)):
-            self._fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-            close_output = True if close_output is None else close_output
-        elif isinstance(output, int):
-            self._fd = output
-        else:
-            self._file = output
-        self._close_output = bool(close_output)
+        self.name, self._fd, self._file, self._close_output = _endpoint(
+            output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, close_output
+        )
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="bgzf-deflate") if threads else None
         self._max_pending = max(2, 4 * threads)
         self._pending: deque[Future[bytes]] = deque()
@@ -416,17 +419,7 @@ class BgzfReader(io.BufferedIOBase):
         super().__init__()
         if threads < 0:
             raise ValueError(f"threads must be >= 0, not {threads}")
-        self.name = _source_name(input)
-        self._fd: int | None = None
-        self._file: BinaryIO | None = None
-        if isinstance(input, (str, os.PathLike)):
-            self._fd = os.open(input, os.O_RDONLY)
-            close_input = True if close_input is None else close_input
-        elif isinstance(input, int):
-            self._fd = input
-        else:
-            self._file = input
-        self._close_input = bool(close_input)
+        self.name, self._fd, self._file, self._close_input = _endpoint(input, os.O_RDONLY, close_input)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="bgzf-inflate") if threads else None
         self._ahead = max(2, 4 * threads)
         self._pending: deque[Future[bytes | bytearray]] = deque()

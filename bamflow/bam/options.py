@@ -39,6 +39,14 @@ def parse_tags(tags: str | Iterable[str | bytes]) -> tuple[str, ...]:
     return tuple(names)
 
 
+def parse_tag(tag: str | bytes) -> str:
+    """One tag name (see :func:`parse_tags`)."""
+    tags = parse_tags([tag] if isinstance(tag, bytes) else tag)
+    if len(tags) != 1:
+        raise ValueError(f"give one tag, not {', '.join(tags)}")
+    return tags[0]
+
+
 def parse_key(by: str | Iterable[str] | None) -> Key:
     """What to shard by: None (round-robin), ``"name"`` (the read name) or tags."""
     if by is None or by == "name":
@@ -113,9 +121,7 @@ class CollectOptions(StageOptions):
 
     def __post_init__(self) -> None:
         if self.order.startswith("tag:"):
-            parse_tags(self.order[4:])
-            if "," in self.order:
-                raise ValueError(f"order tag:XX takes one tag, not {self.order[4:]!r}")
+            parse_tag(self.order[4:])
         elif self.order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}, not {self.order!r}")
 

@@ -51,7 +51,7 @@ from ..engine.errors import WorkflowError
 from ..engine.fifo import FIFO
 from ..engine.files import fd_of, write_all
 from ..engine.publish import Publication
-from ..kernels._records import ValueTable
+from ..kernels._records import ValueTable, value_key
 from .bgzf import BLOCK_SIZE, EOF_BLOCK, compress_block
 from .header import BamHeader
 from .header import command_line as _process_command_line
@@ -68,20 +68,6 @@ _UNSAFE = re.compile(rb"[^A-Za-z0-9_.-]")
 
 
 # -- values, keys and names ------------------------------------------------------------
-
-
-def _key(value: Any) -> bytes:
-    """A value as the kernel's key: str (UTF-8), bytes, int (decimal), or a
-    tuple of them (several tags: joined by NUL)."""
-    if isinstance(value, tuple):
-        return b"\0".join(_key(v) for v in value)
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode("utf-8", "surrogateescape")
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value).encode()
-    raise TypeError(f"a value is str, bytes, int or a tuple of them, not {value!r}")
 
 
 def _is_path(values: Any) -> bool:
@@ -109,7 +95,7 @@ def values_blob(values: Any, n_tags: int) -> tuple[bytes, bool]:
         if n_tags > 1:
             data = data.replace(b"\t", b"\0")
         return data, True
-    keys = [_key(v) for v in values]
+    keys = [value_key(v) for v in values]
     for k in keys:
         if b"\n" in k:
             raise ValueError(f"a value cannot contain a newline: {k!r}")

@@ -149,6 +149,10 @@ class Publication:
             sys.stdout.buffer.write(data)
             sys.stdout.buffer.flush()
             return final
+        if is_special(final):  # a device (/dev/stderr): written in place
+            with open(final, "wb") as f:
+                f.write(data)
+            return final
         with self.open(final, "wb") as f:
             f.write(data)
         return final

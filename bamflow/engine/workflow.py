@@ -179,18 +179,11 @@ class Workflow:
         """Copy one or more files (``-``: stdin) into ``output``, as they are."""
         return self.add_job(func=func, job_name=job_name, inputs=_as_inputs(input, inputs), output=output, **kwargs)
 
-    def gz_reader(
-        self,
-        input: str | None = None,
-        *,
-        inputs: list[str] | None = None,
-        output: FIFO = READER_OUTPUT,
-        func: Callable[..., Any] = lines.read_gz_or_plain,
-        job_name: str = "{workflow}.gz_reader{n}",
-        **kwargs: Any,
-    ) -> Workflow:
+    def gz_reader(self, *args: Any, **kwargs: Any) -> Workflow:
         """Like :meth:`reader`, decompressing gzip inputs (plain ones pass as they are)."""
-        return self.add_job(func=func, job_name=job_name, inputs=_as_inputs(input, inputs), output=output, **kwargs)
+        kwargs.setdefault("func", lines.read_gz_or_plain)
+        kwargs.setdefault("job_name", "{workflow}.gz_reader{n}")
+        return self.reader(*args, **kwargs)
 
     def distribute(
         self,

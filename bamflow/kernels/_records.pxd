@@ -180,6 +180,7 @@ cdef class RecordReader:
     cdef Py_ssize_t _fill_wire(self) except -1
     cdef int _unwrap(self) except -1
     cdef int _walk_aux(self, const Rec *r, Tags want, const uint8_t **found, long long index) except -1
+    cdef int _aux_error(self, const Rec *r, const uint8_t *p, long long index) except -1
 
 
 # -- the hash table of tag values ----------------------------------------------------------

@@ -124,6 +124,55 @@ cdef Py_ssize_t aux_value_size(const uint8_t *tv, const uint8_t *end) noexcept n
     return -1
 
 
+# bytes of an aux value by its type byte: fixed sizes; 0 for Z, H, B (measured); -1 not a type
+cdef signed char AUX_FIXED[256]
+for _t in range(256):
+    AUX_FIXED[_t] = -1
+for _t, _n in ((b"A", 1), (b"c", 1), (b"C", 1), (b"s", 2), (b"S", 2), (b"i", 4), (b"I", 4), (b"f", 4),
+               (b"Z", 0), (b"H", 0), (b"B", 0)):
+    AUX_FIXED[_t[0]] = _n
+
+
+cdef const uint8_t *_aux_walk(const uint8_t *p, const uint8_t *end, const uint16_t *codes, int n_want,
+                              const uint8_t **found, uint8_t *seen) noexcept nogil:
+    """Walk the aux fields in [p, end): NULL if every value lies inside, else
+    the field that does not (see aux_value_size for why). ``found[k]`` is set
+    to the type byte of ``codes[k]`` (first occurrence) or NULL; ``seen`` (or
+    NULL) gets a bit per tag code. The hot path of every record check."""
+    cdef int k
+    cdef signed char fixed
+    cdef uint16_t code
+    cdef Py_ssize_t size
+    cdef const uint8_t *z
+    for k in range(n_want):
+        found[k] = NULL
+    while p < end:
+        if end - p < 4:  # a tag, a type and at least one byte of value
+            return p
+        code = tag_code(p)
+        fixed = AUX_FIXED[p[2]]
+        if fixed > 0:
+            if end - p < 3 + fixed:
+                return p
+            size = fixed
+        elif p[2] == b'Z' or p[2] == b'H':  # the common variable-length case, inline
+            z = <const uint8_t *> memchr(p + 3, 0, end - (p + 3))
+            if z == NULL:
+                return p
+            size = z - (p + 2)
+        else:
+            size = aux_value_size(p + 2, end)
+            if size < 0:
+                return p
+        if seen != NULL:
+            seen[code >> 3] |= 1 << (code & 7)
+        for k in range(n_want):
+            if codes[k] == code and found[k] == NULL:
+                found[k] = p + 2
+        p += 3 + size
+    return NULL
+
+
 cdef const uint8_t *find_tag(const Rec *r, uint16_t code) noexcept nogil:
     """The type byte of tag ``code`` in a checked record, or NULL."""
     cdef const uint8_t *p = r.data + r.aux
@@ -570,37 +619,30 @@ cdef class RecordReader:
 
     cdef int _walk_aux(self, const Rec *r, Tags want, const uint8_t **found, long long index) except -1:
         """Check every aux value of ``r``; note where the wanted tags are."""
-        cdef const uint8_t *p = r.data + r.aux
+        cdef const uint16_t *codes = NULL
+        cdef int n_want = 0
+        cdef const uint8_t *bad
+        if want is not None:
+            codes = want.codes
+            n_want = want.n
+        bad = _aux_walk(r.data + r.aux, r.data + r.size, codes, n_want, found, self.seen_tags)
+        if bad != NULL:
+            self._aux_error(r, bad, index)
+        return 0
+
+    cdef int _aux_error(self, const Rec *r, const uint8_t *p, long long index) except -1:
+        """Raise the error of the aux field at ``p`` (found bad by _aux_walk)."""
         cdef const uint8_t *end = r.data + r.size
         cdef Py_ssize_t size
-        cdef uint16_t code
-        cdef int k, n_want = 0
-        if want is not None:
-            n_want = want.n
-            for k in range(n_want):
-                found[k] = NULL
-        while p < end:
-            if end - p < 3:
-                raise ValueError(f"{describe(self.source, index, r)}: aux data runs past the record end")
-            code = tag_code(p)
-            if self.seen_tags != NULL:
-                self.seen_tags[code >> 3] |= 1 << (code & 7)
-            size = aux_value_size(p + 2, end)
-            if size < 0:
-                name = (<const char *> p)[:2].decode("latin-1")
-                if size == -1:
-                    raise ValueError(f"{describe(self.source, index, r)}: bad type {chr(p[2])!r} "
-                                     f"of tag {name!r}")
-                if size == -3:
-                    raise ValueError(f"{describe(self.source, index, r)}: bad B array subtype {chr(p[3])!r} "
-                                     f"of tag {name}")
-                raise ValueError(f"{describe(self.source, index, r)}: the value of tag {name} runs past "
-                                 f"the record end")
-            for k in range(n_want):
-                if want.codes[k] == code and found[k] == NULL:
-                    found[k] = p + 2
-            p += 3 + size
-        return 0
+        if end - p < 3:
+            raise ValueError(f"{describe(self.source, index, r)}: aux data runs past the record end")
+        name = (<const char *> p)[:2].decode("latin-1")
+        size = aux_value_size(p + 2, end)
+        if size == -1:
+            raise ValueError(f"{describe(self.source, index, r)}: bad type {chr(p[2])!r} of tag {name!r}")
+        if size == -3:
+            raise ValueError(f"{describe(self.source, index, r)}: bad B array subtype {chr(p[3])!r} of tag {name}")
+        raise ValueError(f"{describe(self.source, index, r)}: the value of tag {name} runs past the record end")
 
     cdef int next(self, Rec *r, Tags want, const uint8_t **found) except -2:
         """Like parse(), reading as needed: never NEED_MORE."""
@@ -795,7 +837,7 @@ cdef class ValueTable:
         """Add one value (str: UTF-8; int: decimal); returns True if it was new.
         ``out``: its output number (-1: the number of values added before it).
         A value already present with another output number raises ValueError."""
-        cdef bytes b = _as_key(value)
+        cdef bytes b = value_key(value)
         cdef Py_ssize_t before = self.n, i
         i = self.insert(<const uint8_t *> b, len(b), fnv1a64(<const uint8_t *> b, len(b)), out)
         if self.n == before and out >= 0 and self.slots[i].out != out:
@@ -834,18 +876,18 @@ cdef class ValueTable:
         return self.n - before
 
     def __contains__(self, value):
-        cdef bytes b = _as_key(value)
+        cdef bytes b = value_key(value)
         return self.lookup(<const uint8_t *> b, len(b)) >= 0
 
     def output_of(self, value):
         """The output number of value, or -1 if absent."""
-        cdef bytes b = _as_key(value)
+        cdef bytes b = value_key(value)
         cdef Py_ssize_t i = self.lookup(<const uint8_t *> b, len(b))
         return self.slots[i].out if i >= 0 else -1
 
     def count_of(self, value):
         """How many times value was counted (0 if absent)."""
-        cdef bytes b = _as_key(value)
+        cdef bytes b = value_key(value)
         cdef Py_ssize_t i = self.lookup(<const uint8_t *> b, len(b))
         return self.slots[i].count if i >= 0 else 0
 
@@ -880,14 +922,20 @@ cdef class ValueTable:
         return best
 
 
-cdef bytes _as_key(value):
+cpdef bytes value_key(value):
+    """A value as a key of the tables (the canonical rule, from Python): str
+    (UTF-8), bytes, int (decimal), or a tuple of them (several tags: joined by NUL)."""
     if isinstance(value, bytes):
         return value
     if isinstance(value, str):
         return value.encode("utf-8", "surrogateescape")
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value).encode()
-    return bytes(value)
+    if isinstance(value, tuple):
+        return b"\0".join([value_key(v) for v in value])
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"a value is str, bytes, int or a tuple of them, not {value!r}")
 
 
 def stable_hash(const unsigned char[:] key not None) -> int:

@@ -16,6 +16,34 @@ class CollectStats(TypedDict):
     per_input: list[int]
     out_of_turn: int
 
+class LineDistributor:
+    def __init__(
+        self,
+        in_fd: int,
+        out_fds: Iterable[int],
+        options: LineDistributeOptions,
+        *,
+        header_fd: int = -1,
+        buffer_size: int = 1 << 20,
+        out_buffer_size: int = 1 << 16,
+    ) -> None: ...
+    def run(self) -> DistributeStats: ...
+
+class LineCollector:
+    def __init__(
+        self,
+        in_fds: Iterable[int],
+        out_fd: int,
+        options: LineCollectOptions,
+        *,
+        header_fd: int = -1,
+        buffer_size: int = 1 << 20,
+        out_buffer_size: int = 1 << 20,
+        read_ahead: int = 32 << 20,
+        stall_ms: int = 1000,
+    ) -> None: ...
+    def run(self) -> CollectStats: ...
+
 def distribute_lines(
     in_fd: int,
     out_fds: Iterable[int],

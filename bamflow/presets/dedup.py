@@ -35,7 +35,7 @@ from typing import Any
 
 from ..bam.header import command_line as process_command_line
 from ..bam.header import read_file_header
-from ..bam.options import CollectOptions, DecodeOptions, DistributeOptions, EncodeOptions
+from ..bam.options import CollectOptions, DecodeOptions, DistributeOptions, EncodeOptions, parse_tag
 from ..bam.stages import raw_writer
 from ..bam.workflow import BamWorkflow, Scatter
 from ..engine.errors import WorkflowError
@@ -56,9 +56,7 @@ DEFAULT_SKIP = r"^(__|Unassigned)"  # umi_tools' --skip-tags-regex default
 def parse_umi_mode(umi: str) -> tuple[str, str | None]:
     """ "tag:UB" → ("tag", "UB"); "read_name" / "read_name_cell" → (mode, None)."""
     if umi.startswith("tag:"):
-        tag = umi[4:]
-        if len(tag) != 2 or not tag.isascii():
-            raise ValueError(f"umi='tag:XX' needs a two-character tag, not {umi!r}")
+        tag = parse_tag(umi[4:])
         return "tag", tag
     if umi in ("read_name", "read_name_cell"):
         return umi, None

@@ -27,7 +27,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from ..bam.options import DecodeOptions, DistributeOptions, parse_tags
+from ..bam.options import DecodeOptions, DistributeOptions, parse_tag
 from ..bam.workflow import BamWorkflow
 from ..engine import progress
 from ..engine.errors import WorkflowError
@@ -64,7 +64,7 @@ def count_values(
     on_progress: Callable[[Any], None] | None = None,
 ) -> tuple[dict[bytes, int], dict[str, int]]:
     """Count reads per value of ``tag``: (value → reads, stats with COUNT_STATS keys)."""
-    (tag,) = parse_tags(tag)
+    tag = parse_tag(tag)
     w = BamWorkflow(name)
     jobs = w.scatter(
         os.fspath(input),
