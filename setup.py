@@ -13,6 +13,8 @@ extensions = [
     Extension("bamflow.kernels.bam", ["bamflow/kernels/bam.pyx"]),
     Extension("bamflow.kernels.select", ["bamflow/kernels/select.pyx"]),
     Extension("bamflow.kernels.presets", ["bamflow/kernels/presets.pyx"]),
+    Extension("bamflow.kernels.umi", ["bamflow/kernels/umi.pyx"]),
+    Extension("bamflow.kernels.record", ["bamflow/kernels/record.pyx"]),
     # reads pysam's records in place (its bam1_t): pysam's headers, no linking
     Extension(
         "bamflow.kernels.pysam_bridge",

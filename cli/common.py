@@ -158,6 +158,7 @@ METHOD = typer.Option(
 )
 CELL_TAG = typer.Option("CB", "--cell-tag", help="Cell barcode tag.")
 UMI_TAG = typer.Option("UB", "--umi-tag", help="UMI tag.")
+TAGGED_INPUT = input_argument("BAM with cell, UMI and gene tags; - for stdin.")
 
 Tally = tuple[int, dict[str, int], dict[str, int]]
 """What the summary shows: reads in, reads written per output, reads dropped per reason."""

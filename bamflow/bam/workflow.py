@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -247,3 +247,20 @@ class Scatter:
             raise WorkflowError("reads do not add up between stages: " + "; ".join(problems))
         self.flow = flow
         return flow
+
+    def require_tags(self, w: Workflow, tags: Iterable[str]) -> None:
+        """Raise WorkflowError if one of ``tags`` is on none of the reads (a
+        mistyped tag name), naming the tags that were seen; reads that lack a
+        tag others carry are the workers' counted drops."""
+        dist = w.result(self.distributor)
+        require_tags(tags, dist["records"], dist["tags_seen"])
+
+
+def require_tags(tags: Iterable[str], reads: int, tags_seen: Iterable[str]) -> None:
+    """The check of a keyed command: every tag it keys on is on at least one
+    read (when there are reads at all)."""
+    seen = set(tags_seen)
+    for tag in tags:
+        if reads and tag not in seen:
+            listed = " ".join(sorted(seen)) or "none"
+            raise WorkflowError(f"tag {tag} is on none of {reads:,} reads; tags seen: {listed}")
