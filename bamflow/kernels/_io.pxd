@@ -1,15 +1,23 @@
 # cython: language_level=3
-# Output staging shared by every kernel (lines and BAM records alike): one
-# buffer per output file descriptor, written out with full writes. The struct
-# and its two hot functions are here in full (``cdef inline``: compiled into
-# each kernel, no call across modules); :class:`OutBufs` owns the memory.
+# I/O shared by every kernel (lines and BAM records alike):
+# - io_read / io_write / io_wait / io_poll: the system calls, with the GIL
+#   released while they block (so that threads of the same process, such as
+#   the BGZF writer's, go on) and EINTR retried after checking for signals
+#   (so that Ctrl-C and SIGTERM reach a kernel blocked on a pipe);
+# - output staging: one buffer per output file descriptor, written out with
+#   full writes. The struct and its two hot functions are here in full
+#   (``cdef inline``: compiled into each kernel); :class:`OutBufs` owns the memory.
 
 from libc.string cimport memcpy
 
-from bamflow.kernels._posixio cimport write_all
+from bamflow.kernels._posixio cimport pollfd
 
 
 cdef int raise_errno(str what) except -1
+cdef Py_ssize_t io_read(int fd, char *into, Py_ssize_t capacity, str what) except -1
+cdef int io_write(int fd, const char *data, Py_ssize_t length, str what) except -1
+cdef int io_wait(int fd, str what) except -1
+cdef int io_poll(pollfd *fds, Py_ssize_t n, int timeout_ms, str what) except -1
 
 
 cdef struct OutBuf:
@@ -22,8 +30,7 @@ cdef struct OutBuf:
 
 cdef inline int out_flush(OutBuf *o) except -1:
     if o.used:
-        if write_all(o.fd, o.data, o.used) < 0:
-            raise_errno("write")
+        io_write(o.fd, o.data, o.used, "write")
         o.used = 0
     return 0
 
@@ -33,8 +40,7 @@ cdef inline int out_put(OutBuf *o, const char *data, Py_ssize_t length) except -
     if o.used + length > o.cap:
         out_flush(o)
         if length >= o.cap:
-            if write_all(o.fd, data, length) < 0:
-                raise_errno("write")
+            io_write(o.fd, data, length, "write")
             return 0
     memcpy(o.data + o.used, data, length)
     o.used += length

@@ -1,14 +1,83 @@
 # cython: language_level=3
-"""Output staging shared by the kernels (see _io.pxd)."""
+"""I/O shared by the kernels (see _io.pxd)."""
 
-from libc.errno cimport errno
+from cpython.exc cimport PyErr_CheckSignals
+from libc.errno cimport EINTR, errno
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport strerror
+from posix.unistd cimport read, write
+
+from bamflow.kernels._posixio cimport POLLIN, nfds_t, poll, pollfd
 
 
 cdef int raise_errno(str what) except -1:
     cdef int err = errno
     raise OSError(err, f"{what}: {strerror(err).decode()}")
+
+
+cdef int _failed(int err, str what) except -1:
+    """After a system call failed with ``err``: 0 to retry (EINTR, no signal
+    handler raised), else raise."""
+    if err == EINTR:
+        PyErr_CheckSignals()  # a handler that raises (Ctrl-C) ends the call here
+        return 0
+    raise OSError(err, f"{what}: {strerror(err).decode()}")
+
+
+cdef Py_ssize_t io_read(int fd, char *into, Py_ssize_t capacity, str what) except -1:
+    """One read(2): bytes read, 0 at the end of the input."""
+    cdef Py_ssize_t n
+    cdef int err = 0
+    while True:
+        with nogil:
+            n = read(fd, into, capacity)
+            if n < 0:
+                err = errno
+        if n >= 0:
+            return n
+        _failed(err, what)
+
+
+cdef int io_write(int fd, const char *data, Py_ssize_t length, str what) except -1:
+    """Write all of ``data``."""
+    cdef Py_ssize_t done = 0, n
+    cdef int err = 0
+    while done < length:
+        with nogil:
+            n = write(fd, data + done, length - done)
+            if n < 0:
+                err = errno
+        if n < 0:
+            _failed(err, what)
+        else:
+            done += n
+    return 0
+
+
+cdef int io_poll(pollfd *fds, Py_ssize_t n, int timeout_ms, str what) except -1:
+    """poll(2): the number of descriptors ready, 0 on timeout."""
+    cdef int rc
+    cdef int err = 0
+    while True:
+        with nogil:
+            rc = poll(fds, <nfds_t> n, timeout_ms)
+            if rc < 0:
+                err = errno
+        if rc >= 0:
+            return rc
+        _failed(err, what)
+
+
+cdef int io_wait(int fd, str what) except -1:
+    """Block until ``fd`` has data or its (once connected) writer hung up: a
+    FIFO opened with O_NONBLOCK reads as ended until its writer connects,
+    poll(2) does not (see bamflow/engine/fifo.py)."""
+    cdef pollfd p
+    p.fd = fd
+    p.events = POLLIN
+    p.revents = 0
+    io_poll(&p, 1, -1, what)
+    return 0
 
 
 cdef class OutBufs:

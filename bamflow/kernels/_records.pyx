@@ -24,8 +24,8 @@ from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memchr, memcmp, memcpy, memmove, strlen
 
 from bamflow.kernels._bgzf cimport BgzfBlock, bgzf_check_end, bgzf_inflate, bgzf_scan
-from bamflow.kernels._io cimport raise_errno
-from bamflow.kernels._posixio cimport fnv1a64, pipe_backlog, read_some, wait_readable
+from bamflow.kernels._io cimport io_read, io_wait
+from bamflow.kernels._posixio cimport fnv1a64, pipe_backlog
 
 if sys.byteorder != "little":  # BamCore is read in place
     raise ImportError("bamflow's kernels need a little-endian machine")
@@ -371,11 +371,9 @@ cdef class RecordReader:
             return self._fill_wire()
         # a FIFO read end opened with O_NONBLOCK reads as ended until its writer
         # connects; poll(2) waits for the writer (see bamflow/engine/fifo.py)
-        if not self.sniffed and wait_readable(self.fd) < 0:
-            raise_errno(f"{self.source}poll")
-        n = read_some(self.fd, <char *> self.buf + self.end, self.cap - self.end)
-        if n < 0:
-            raise_errno(f"{self.source}read")
+        if not self.sniffed:
+            io_wait(self.fd, f"{self.source}poll")
+        n = io_read(self.fd, <char *> self.buf + self.end, self.cap - self.end, f"{self.source}read")
         self.bytes_read += n
         if n == 0:
             self.eof = True
@@ -422,9 +420,7 @@ cdef class RecordReader:
                     raise MemoryError()
                 self.wire = grown
                 self.wcap *= 2
-            n = read_some(self.fd, <char *> self.wire + self.wend, self.wcap - self.wend)
-            if n < 0:
-                raise_errno(f"{self.source}read")
+            n = io_read(self.fd, <char *> self.wire + self.wend, self.wcap - self.wend, f"{self.source}read")
             self.bytes_read += n
             self.wend += n
             if n == 0:
@@ -480,8 +476,8 @@ cdef class RecordReader:
             return 1
         while True:
             if st.stage == 0:
-                if n == 0:
-                    st.need = 8
+                if n == 0 or (not self.sniffed and not self.eof):
+                    st.need = 8  # (what the first bytes are, BGZF or not, is decided by fill())
                     return 0
                 if memcmp(p, b"BAM\x01", n if n < 4 else 4) != 0:
                     hint = "; BGZF-compressed? decompress first" if n >= 2 and p[0] == 0x1f and p[1] == 0x8b else ""
@@ -639,7 +635,7 @@ cdef class RecordReader:
         name = (<const char *> p)[:2].decode("latin-1")
         size = aux_value_size(p + 2, end)
         if size == -1:
-            raise ValueError(f"{describe(self.source, index, r)}: bad type {chr(p[2])!r} of tag {name!r}")
+            raise ValueError(f"{describe(self.source, index, r)}: bad type {chr(p[2])!r} of tag {name}")
         if size == -3:
             raise ValueError(f"{describe(self.source, index, r)}: bad B array subtype {chr(p[3])!r} of tag {name}")
         raise ValueError(f"{describe(self.source, index, r)}: the value of tag {name} runs past the record end")

@@ -12,16 +12,13 @@ question.
 """
 
 from cpython.ref cimport PyObject
-from libc.errno cimport EINTR, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp
 from posix.unistd cimport close
 
-from bamflow.kernels._io cimport OutBuf, OutBufs, out_flush, out_put, raise_errno
-from bamflow.kernels._posixio cimport (
-    POLLERR, POLLHUP, POLLIN, POLLNVAL, fnv1a64, pipe_backlog, poll, pollfd, write_all,
-)
+from bamflow.kernels._io cimport OutBuf, OutBufs, io_poll, io_write, out_flush, out_put
+from bamflow.kernels._posixio cimport POLLERR, POLLHUP, POLLIN, POLLNVAL, fnv1a64, pipe_backlog, pollfd
 from bamflow.kernels._records cimport (
     GOT_FRAME, GOT_RECORD, KEY_FOUND, MAX_TAGS, NEED_MORE, STREAM_END, BamCore, Rec, RecordReader,
     Scratch, Tags, ValueTable, core_of, describe, scratch_free, scratch_put,
@@ -96,8 +93,7 @@ cdef class Distributor:
         self.reader.read_header()
         header = self.reader.header()
         if self.header_fd >= 0:
-            if write_all(self.header_fd, <const char *> header, self.reader.header_len) < 0:
-                raise_errno("write header")
+            io_write(self.header_fd, <const char *> header, self.reader.header_len, "write header")
             close(self.header_fd)
             self.header_fd = -1
         if self.options.header_broadcast:
@@ -380,16 +376,10 @@ cdef class Collector:
             k += 1
         if k == 0:
             return 0
-        rc = poll(self.pfds, k, 0)
+        rc = io_poll(self.pfds, k, 0, "poll")
         if rc == 0:
             out_flush(self.out)  # nothing ready: hand over what we hold before blocking
-            while True:
-                rc = poll(self.pfds, k, -1)
-                if rc < 0 and errno == EINTR:
-                    continue
-                break
-        if rc < 0:
-            raise_errno("poll")
+            io_poll(self.pfds, k, -1, "poll")
         for i in range(k):
             if self.pfds[i].revents & POLLNVAL:
                 raise OSError(9, f"poll: input {self.index[i]}: bad file descriptor {self.pfds[i].fd}")
@@ -608,6 +598,8 @@ cdef class RecordChunks:
 
     def __cinit__(self, int fd, source="", progress=None, Py_ssize_t chunk_bytes=1 << 20,
                   Py_ssize_t buffer_size=1 << 20):
+        if chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be >= 1, not {chunk_bytes}")
         self.reader = RecordReader(fd, source, False, progress, buffer_size)
         self.chunk_bytes = chunk_bytes
 

@@ -25,11 +25,8 @@ from posix.unistd cimport close
 
 # output staging (one buffer per output), shared with the BAM kernels; the
 # distributor counts the body lines written to an OutBuf in its ``records``
-from bamflow.kernels._io cimport OutBuf, OutBufs, out_flush, out_put, raise_errno
-from bamflow.kernels._posixio cimport (
-    POLLERR, POLLHUP, POLLIN, fnv1a64, poll, pollfd, read_some, wait_readable,
-    write_all,
-)
+from bamflow.kernels._io cimport OutBuf, OutBufs, io_poll, io_read, io_wait, io_write, out_flush, out_put
+from bamflow.kernels._posixio cimport POLLERR, POLLHUP, POLLIN, fnv1a64, pollfd
 
 
 cdef inline long long _count_lines(const char *p, Py_ssize_t n) noexcept nogil:
@@ -116,9 +113,7 @@ cdef class LineReader:
                     raise MemoryError()
                 self.data = grown
                 self.cap *= 2
-        n = read_some(self.fd, self.data + self.end, self.cap - self.end)
-        if n < 0:
-            raise_errno("read")
+        n = io_read(self.fd, self.data + self.end, self.cap - self.end, "read")
         if n == 0:
             self.eof = True
             if self.end > self.start and self.data[self.end - 1] != b'\n':
@@ -232,8 +227,7 @@ cdef class LineDistributor:
         cdef bint detect_header = self.header_prefix is not None or self.header_detect is not None
         if not detect_header:
             self._close_header()  # no header to look for: it is empty
-        if wait_readable(self.reader.fd) < 0:
-            raise_errno("poll")
+        io_wait(self.reader.fd, "poll")
         if detect_header:
             self._header()
         if self.key_field >= 0:
@@ -272,8 +266,8 @@ cdef class LineDistributor:
             ):
                 break
             self.header_lines += 1
-            if self.header_fd >= 0 and write_all(self.header_fd, line, n) < 0:
-                raise_errno("write header")
+            if self.header_fd >= 0:
+                io_write(self.header_fd, line, n, "write header")
             if self.header_broadcast:
                 for i in range(self.n_out):
                     out_put(&self.outs.bufs[i], line, n)
@@ -421,8 +415,7 @@ cdef class LineCollector:
     cdef int _copy_header(self) except -1:
         """Copy the whole of ``header_fd`` (in whole lines) before any body line."""
         cdef LineReader h = LineReader(self.header_fd, self.buffer_size)
-        if wait_readable(self.header_fd) < 0:
-            raise_errno("poll")
+        io_wait(self.header_fd, "poll")
         while not h.eof:
             h.fill()
             h.emit_whole_lines(self.out)
@@ -502,12 +495,10 @@ cdef class LineCollector:
             return -1
         if polled == 1 and capped > 0 and self.index[0] == must:
             timeout_ms = lone_timeout_ms
-        ready = poll(self.pfds, polled, 0)
+        ready = io_poll(self.pfds, polled, 0, "poll")
         if ready == 0:
             out_flush(self.out)  # nothing ready: hand over what we hold before blocking
-            ready = poll(self.pfds, polled, timeout_ms)
-        if ready < 0:
-            raise_errno("poll")
+            ready = io_poll(self.pfds, polled, timeout_ms, "poll")
         if ready == 0:
             return 0
         for i in range(polled):

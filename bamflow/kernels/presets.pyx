@@ -94,6 +94,9 @@ def fastq_pairs_to_bam(list r1s, list r2s, list cb_segs, list umi_segs, Py_ssize
     cdef Py_ssize_t rg_len = len(rg)
     if len(r2s) != n:
         raise ValueError("read 1 and read 2 batches differ in size")
+    for a, b in cb_segs + umi_segs:  # every segment must lie inside the read 1 length asked for
+        if not 0 <= a < b <= need:
+            raise ValueError(f"segment [{a}:{b}] does not lie within the first {need} bases of read 1")
     o.data = NULL
     o.used = o.cap = 0
     try:
@@ -324,6 +327,10 @@ cdef class Corrector:
                         code, value, cacheable = self.resolve(raw, qual)
                     except ValueError as e:
                         raise ValueError(f"{describe(self.source, index, &r)}: {e}") from None
+                    if not 0 <= code <= 3:
+                        raise ValueError(f"resolve returned code {code} for {raw!r}; codes are 0-3")
+                    if value is not None and (not isinstance(value, bytes) or b"\0" in value):
+                        raise ValueError(f"resolve returned {value!r} for {raw!r}; a value is bytes without NUL")
                     answer = (code, value)
                     if cacheable:
                         self.cache.insert(tv + 1, vlen, _hash(tv + 1, vlen), len(self.answers))
@@ -334,7 +341,7 @@ cdef class Corrector:
             if value is None:
                 out_put(out, <const char *> r.data - 4, 4 + r.size)
             else:
-                vlen = len(<bytes> value)
+                vlen = len(<bytes?> value)
                 put_u32(head, r.size + <uint32_t> vlen + 4)
                 out_put(out, <const char *> head, 4)
                 out_put(out, <const char *> r.data, r.size)
