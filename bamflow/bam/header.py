@@ -12,13 +12,16 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from ..engine.errors import WorkflowError
 from ..kernels._records import parse_header
 
 BAM_MAGIC = b"BAM\x01"
 
 
-class BamFormatError(ValueError):
-    """Input that is not (valid) BAM; the message is one line naming what is wrong."""
+class BamFormatError(WorkflowError, ValueError):
+    """Input that is not (valid) BAM; the message is one line naming what is
+    wrong. A WorkflowError (the run failed on bad data: exit status 1), and a
+    ValueError for callers that catch those."""
 
 
 @dataclass
@@ -58,6 +61,18 @@ class BamHeader:
     def from_pysam(cls, header: Any) -> BamHeader:
         """The header of a pysam ``AlignmentHeader`` (or an AlignmentFile's)."""
         return cls(str(header), list(zip(header.references, header.lengths, strict=True)))
+
+    def with_sort_order(self, order: str) -> BamHeader:
+        """This header with @HD SO:``order`` (an @HD line is added if there is none)."""
+        lines = [line for line in self.text.split("\n") if line]
+        for i, line in enumerate(lines):
+            if line.startswith("@HD\t"):
+                fields = [f for f in line.split("\t")[1:] if not f.startswith("SO:")]
+                lines[i] = "\t".join(["@HD", *fields, f"SO:{order}"])
+                break
+        else:
+            lines.insert(0, f"@HD\tVN:1.6\tSO:{order}")
+        return BamHeader("\n".join(lines) + "\n", list(self.references))
 
     @property
     def sort_order(self) -> str | None:
@@ -112,10 +127,17 @@ def read_file_header(path: str) -> BamHeader | None:
     """The header of a BAM, uncompressed BAM or SAM file, read without pysam
     (so a bad file gives one clear BamFormatError); None for stdin, which
     cannot be read twice."""
-    from .bgzf import BgzfReader, detect_format
+    from .bgzf import BgzfError, BgzfReader, detect_format
 
     if path in ("-", "/dev/stdin"):
         return None
+    try:
+        return _read_file_header(path, BgzfReader, detect_format)
+    except BgzfError as e:
+        raise BamFormatError(str(e)) from None
+
+
+def _read_file_header(path: str, BgzfReader: Any, detect_format: Any) -> BamHeader | None:
     with open(path, "rb") as f:
         fmt = detect_format(f.read(512))
         f.seek(0)

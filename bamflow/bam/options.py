@@ -135,12 +135,17 @@ class CollectOptions(StageOptions):
 class EncodeOptions(StageOptions):
     """How BAM_writer writes: BAM (BGZF at ``level`` in ``threads`` threads),
     ``fmt="ubam"`` (uncompressed BAM) or ``"sam"``; one @PG line with
-    ``command_line`` (None: how this process was started)."""
+    ``command_line`` (None: how this process was started); ``sort_order``
+    (None: the input's) replaces @HD SO when the records are no longer in the
+    input's order; ``end_marker=False`` leaves the BGZF EOF marker to the
+    workflow, which writes it only when the whole run succeeded."""
 
     level: int | str = DEFAULT_LEVEL
     threads: int = 2
     fmt: str = "bam"
     command_line: str | None = None
+    sort_order: str | None = None
+    end_marker: bool = True
 
     def __post_init__(self) -> None:
         check_level(self.level)
@@ -148,3 +153,5 @@ class EncodeOptions(StageOptions):
             raise ValueError(f"threads must be >= 0, not {self.threads}")
         if self.fmt not in FORMATS:
             raise ValueError(f"fmt must be one of {', '.join(FORMATS)}, not {self.fmt!r}")
+        if self.sort_order not in (None, "unsorted", "coordinate", "queryname", "unknown"):
+            raise ValueError(f"sort_order must be unsorted, coordinate, queryname or unknown, not {self.sort_order!r}")

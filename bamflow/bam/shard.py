@@ -25,7 +25,7 @@ from ..kernels._records import stable_hash
 from .header import command_line as process_command_line
 from .options import DecodeOptions, DistributeOptions, EncodeOptions, parse_key
 from .stages import source_name
-from .workflow import BamWorkflow
+from .workflow import BamWorkflow, require_tags
 
 log = logging.getLogger("bamflow")
 
@@ -85,6 +85,7 @@ def shard(
     level: int | str | None = None,
     prefix: str = "shard",
     manifest: bool = True,
+    force: bool = False,
     command_line: str | None = None,
     start_method: str | None = None,
     timeout: float | None = None,
@@ -95,6 +96,8 @@ def shard(
     are in the same file. Reads without the tag: ``missing="unassigned"``
     (to ``unassigned.bam``), ``"drop"`` (counted) or ``"error"``.
     ``threads`` decompress the input; each shard compresses in its own process.
+    A folder holding an earlier run's outputs is refused unless ``force``
+    (which replaces them whole; see bamflow.engine.publish).
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, not {n}")
@@ -103,8 +106,9 @@ def shard(
         raise ValueError("shard needs by= a tag (e.g. 'CB'), tags ('CB,UB') or 'name'")
     by_tags = isinstance(key, tuple)
     distribute = DistributeOptions(by=key, missing=missing if by_tags else "error", count_values=by_tags and manifest)
+    if os.sep in prefix or "\0" in prefix or prefix.startswith(".") or not prefix:
+        raise ValueError(f"prefix must be a plain file name start, not {prefix!r}")
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
     encode = EncodeOptions(
         **({} if level is None else {"level": level}), threads=1, command_line=command_line or process_command_line()
     )
@@ -132,6 +136,8 @@ def shard(
         """The books, before any shard appears: every read the distributor dealt
         is in its shard (counted by that shard's writer), or dropped."""
         dist = w.result(distributor)
+        if by_tags:
+            require_tags(key, dist["records"], dist["tags_seen"])
         dealt = list(dist["per_output"]) + ([dist["unassigned"]] if unassigned else [])
         written = {name: r["records"] for name, r in zip(names, w.result(writers), strict=True)}
         if list(written.values()) != dealt:
@@ -153,6 +159,7 @@ def shard(
         )
 
     with Publication() as pub:
+        pub.claim_folder(out_dir, force=force, inputs=[os.fspath(input)])
         w.run(timeout=timeout, on_progress=on_progress, check=check, publication=pub)
         result = results[0]
         dist = w.result(distributor)

@@ -18,12 +18,12 @@ Each worker keeps one buffer of records per output in C, compresses a buffer
 as BGZF blocks when it reaches 64 KB (or when the worker's share of
 ``memory_budget`` is used up: largest buffers first) and *appends* them to the
 output's part file, opened and closed for each append: at most a few file
-descriptors are open whatever the number of outputs. All parts live in
-``out_dir/.bamflow-split-XXXX/`` until every job succeeded; then each file
+descriptors are open whatever the number of outputs. All parts live in a
+scratch folder inside ``out_dir`` until every job succeeded; then each file
 gets the BGZF EOF block (parts of one group written by several workers are
-concatenated first) and is renamed into ``out_dir``, and ``manifest.tsv``
-(``value<TAB>file<TAB>reads``) is written last. A failed run removes the
-temporary folder, so no file that looks complete is left.
+concatenated first) and joins the run's publication with ``manifest.tsv``
+(``value<TAB>file<TAB>reads``): they appear together. A failed run removes
+the scratch folder, so no file that looks complete is left.
 
 File names: ``prefix + value + ".bam"`` when the value is a plain name
 (``[A-Za-z0-9_.-]``, not starting with ``.``, at most 100 characters, not
@@ -42,6 +42,7 @@ import os
 import re
 import secrets
 import shutil
+import zlib
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from typing import Any
@@ -57,7 +58,7 @@ from .header import BamHeader
 from .header import command_line as _process_command_line
 from .options import DEFAULT_LEVEL, DecodeOptions, DistributeOptions, EncodeOptions, check_level, parse_tags
 from .stages import source_name
-from .workflow import BamWorkflow
+from .workflow import BamWorkflow, refuse_overwrite, require_tags
 
 log = logging.getLogger("bamflow")
 
@@ -79,7 +80,10 @@ def _read_text_file(path: Any) -> bytes:
     with open(path, "rb") as f:
         data = f.read()
     if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
+        try:
+            data = gzip.decompress(data)
+        except (EOFError, OSError, zlib.error) as e:
+            raise WorkflowError(f"{os.fspath(path)}: truncated or corrupt gzip file ({e})") from None
     return data
 
 
@@ -267,6 +271,7 @@ def filter_reads(
     "values"}; raises WorkflowError if a job failed or the reads do not add up.
     """
     tags = parse_tags(tag)
+    refuse_overwrite([input], output)
     blob, from_file = values_blob(values, len(tags))
     encode = EncodeOptions(
         **({} if level is None else {"level": level}), threads=threads,
@@ -293,7 +298,7 @@ def filter_reads(
     def check(w: BamWorkflow) -> None:
         """The books, before the output appears."""
         stats.update(w.result(selector))
-        stats.pop("tags_seen", None)
+        require_tags(tags, stats["records_in"], stats.pop("tags_seen"))
         if stats["records_in"] != stats["kept"] + stats["dropped_not_listed"] + stats["dropped_missing_tag"]:
             raise WorkflowError(f"filter_reads: reads do not add up: {stats}")
         if w.result(writer)["records"] != stats["kept"]:
@@ -344,6 +349,7 @@ def split_reads(
     level: int | str | None = None,
     memory_budget: int = 256 << 20,
     prefix: str = "",
+    force: bool = False,
     command_line: str | None = None,
     start_method: str | None = None,
     timeout: float | None = None,
@@ -359,6 +365,9 @@ def split_reads(
     processes share ``memory_budget`` bytes of record buffers; ``threads``:
     BGZF decompression threads of the reader; ``level``: compression level.
 
+    A folder holding an earlier run's outputs is refused unless ``force``
+    (which replaces them whole; see bamflow.engine.publish).
+
     Returns {"records_in", "written", "files", "dropped": {"missing_tag",
     "not_selected", "below_min_reads"}, "manifest"}; raises WorkflowError if a
     job failed or the reads do not add up (and then leaves no output behind).
@@ -373,32 +382,31 @@ def split_reads(
     selection = values_blob(values, len(tags)) if values is not None else None
     group_list = _read_groups(groups, len(tags)) if groups is not None else None
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    tmp_dir = os.path.join(out_dir, f".bamflow-split-{secrets.token_hex(6)}")
-    os.mkdir(tmp_dir, 0o700)
     stats: dict[str, Any] = {}
-    try:
-        w = BamWorkflow("split_reads", start_method=start_method)
-        jobs = w.scatter(
-            os.fspath(input),
-            split_job,
-            workers=workers,
-            distribute=DistributeOptions(by=tags, missing="drop"),
-            decode=DecodeOptions(max(1, threads)),
-            worker_kwargs=dict(
-                tmp_dir=tmp_dir,
-                tags=tags,
-                selection=selection,
-                groups=group_list,
-                prefix=prefix,
-                flush_size=FLUSH_SIZE,
-                memory_budget=max(1 << 16, memory_budget // workers),
-                min_reads=min_reads,
-                level=level,
-                command_line=command_line or _process_command_line(),
-            ),
-        )
-        with Publication() as pub:
+    with Publication() as pub:
+        pub.claim_folder(out_dir, force=force, inputs=[os.fspath(input)])
+        tmp_dir = pub.scratch_folder(out_dir, "split-parts")
+        try:
+            w = BamWorkflow("split_reads", start_method=start_method)
+            jobs = w.scatter(
+                os.fspath(input),
+                split_job,
+                workers=workers,
+                distribute=DistributeOptions(by=tags, missing="drop"),
+                decode=DecodeOptions(max(1, threads)),
+                worker_kwargs=dict(
+                    tmp_dir=tmp_dir,
+                    tags=tags,
+                    selection=selection,
+                    groups=group_list,
+                    prefix=prefix,
+                    flush_size=FLUSH_SIZE,
+                    memory_budget=max(1 << 16, memory_budget // workers),
+                    min_reads=min_reads,
+                    level=level,
+                    command_line=command_line or _process_command_line(),
+                ),
+            )
             w.run(timeout=timeout, on_progress=on_progress, check=jobs.check_flow, publication=pub)
             dist = w.result(jobs.distributor)
             per_worker = w.result(jobs.workers)
@@ -409,8 +417,8 @@ def split_reads(
             if stats["records_in"] != stats["written"] + sum(stats["dropped"].values()):
                 raise WorkflowError(f"split_reads: reads do not add up: {stats}")
             pub.commit()
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
     log.info("split_reads %s → %s: %s", input, out_dir, stats)
     return stats
 

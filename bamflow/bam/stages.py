@@ -100,7 +100,8 @@ def _run_forked(target: Any) -> tuple[int, int]:
         try:
             target()
         except BaseException as e:
-            os.write(err_write, f"{type(e).__name__}: {e}".encode()[:4000])
+            text = str(e) if isinstance(e, BamFormatError) else f"{type(e).__name__}: {e}"
+            os.write(err_write, text.encode()[:4000])
             code = 1
         finally:
             os._exit(code)
@@ -136,10 +137,19 @@ def _sam_to_raw(source: Any, out_fd: int, name: str) -> int:
     def parse() -> None:
         for fd in (sam_write, bam_read):
             os.close(fd)
+        pysam.set_verbosity(0)  # the error below names the line; htslib's own warnings would repeat it
+        records = 0
         with pysam.AlignmentFile(f"/dev/fd/{sam_read}", "r") as sam:
+            header_lines = sam.text.count("\n") if sam.text else 0
             with pysam.AlignmentFile(f"/dev/fd/{bam_write}", "wbu", header=sam.header) as bam:
-                for record in sam:
-                    bam.write(record)
+                try:
+                    for record in sam:
+                        bam.write(record)
+                        records += 1
+                except (OSError, ValueError) as e:
+                    raise BamFormatError(
+                        f"line {header_lines + records + 1}: not a valid SAM alignment line ({e})"
+                    ) from None
 
     feeder = _run_forked(feed)
     parser = _run_forked(parse)
@@ -160,29 +170,39 @@ def _sam_to_raw(source: Any, out_fd: int, name: str) -> int:
 
 def encode_bam(input: Any, output: Any, options: EncodeOptions = EncodeOptions()) -> dict[str, Any]:
     """Write the raw BAM stream ``input`` to ``output`` as BAM, uncompressed BAM
-    or SAM (``options.fmt``), with one @PG line added to the header. Every
-    record is checked on its way; the result counts them (the books)."""
+    or SAM (``options.fmt``), with one @PG line added to the header (and @HD
+    SO set to ``options.sort_order`` when given). Every record is checked on
+    its way; the result counts them (the books). Without
+    ``options.end_marker`` the BGZF EOF marker is left out: the workflow adds
+    it when the whole run succeeded (for standard output, which cannot be
+    published by renaming)."""
     with ExitStack() as stack:
         in_fd = fd_of(input, False, stack)
         chunks = RecordChunks(in_fd, "collected stream: ", progress.current().slot)
         header, _ = BamHeader.from_bytes(chunks.header(), "collected stream")
         header = header.with_program(options.command_line if options.command_line is not None else process_command_line())
+        if options.sort_order is not None:
+            header = header.with_sort_order(options.sort_order)
         out_fd = fd_of(output, True, stack)
         if options.fmt == "sam":
             return _raw_to_sam(header, chunks, out_fd)
-        writer = stack.enter_context(
-            BgzfWriter(
-                io.FileIO(out_fd, "wb", closefd=False),
-                level=0 if options.fmt == "ubam" else options.level,
-                threads=options.threads,
-            )
+        writer = BgzfWriter(
+            io.FileIO(out_fd, "wb", closefd=False), level=0 if options.fmt == "ubam" else options.level,
+            threads=options.threads,
         )
-        writer.write(header.to_bytes())
-        writer.flush_block()  # records start in a fresh block, as htslib writes them
-        total = 0
-        while data := chunks.next_chunk():
-            writer.write(data)
-            total += len(data)
+        try:
+            writer.write(header.to_bytes())
+            writer.flush_block()  # records start in a fresh block, as htslib writes them
+            total = 0
+            while data := chunks.next_chunk():
+                writer.write(data)
+                total += len(data)
+            if options.end_marker:
+                writer.close()
+            else:  # the workflow writes the EOF marker once the whole run succeeded
+                writer.flush()
+        finally:
+            writer.abort()  # (after close: nothing left to do)
         return {"records": chunks.records, "record_bytes": total}
 
 

@@ -21,14 +21,44 @@ from typing import Any
 
 from ..engine.errors import WorkflowError
 from ..engine.fifo import FIFO
-from ..engine.files import InputFile
+from ..engine.files import InputFile, write_all
 from ..engine.job import Job
+from ..engine.publish import STDOUT_NAMES
 from ..engine.workflow import Workflow, _as_output
 from . import stages
+from .bgzf import EOF_BLOCK
 from .options import CollectOptions, DecodeOptions, DistributeOptions, EncodeOptions
 
 # FIFO specs are immutable: safe as defaults
 BAM_READER_OUTPUT = FIFO("input_bam", "wb")
+
+
+def refuse_overwrite(inputs: Iterable[str | os.PathLike[str]], output: str | os.PathLike[str] | None) -> None:
+    """Raise WorkflowError if ``output`` is one of ``inputs`` (by name, or the
+    same file by another name): no command writes over what it reads."""
+    if output is None or os.fspath(output) in STDOUT_NAMES:
+        return
+    try:
+        target = os.stat(output)
+    except OSError:
+        target = None
+    for path in inputs:
+        path = os.fspath(path)
+        if path in ("-", "/dev/stdin"):
+            continue
+        same = os.path.abspath(path) == os.path.abspath(output)
+        if not same and target is not None:
+            try:
+                same = os.path.samestat(target, os.stat(path))
+            except OSError:
+                same = False
+        if same:
+            raise WorkflowError(f"the output {os.fspath(output)} is the input {path}: choose another output")
+
+
+def _end_stdout_stream() -> None:
+    """The BGZF EOF marker after a BAM written to standard output, once the run succeeded."""
+    write_all(1, memoryview(EOF_BLOCK))
 
 
 class BamWorkflow(Workflow):
@@ -118,6 +148,12 @@ class BamWorkflow(Workflow):
         options, kwargs = EncodeOptions.take(options, kwargs)
         if options.command_line is None:
             options = dataclasses.replace(options, command_line=f"{self.name} (bamflow Python API)")
+        to_stdout = isinstance(output, (str, os.PathLike)) and os.fspath(output) in STDOUT_NAMES
+        if to_stdout and options.fmt != "sam" and options.end_marker:
+            # stdout cannot be published by renaming: its end marker waits for the run's success,
+            # so that a failed run's stream never passes `samtools quickcheck`
+            options = dataclasses.replace(options, end_marker=False)
+            self.on_success(_end_stdout_stream)
         self.add_job(func=func, job_name=job_name, input=input, output=_as_output(output), options=options, **kwargs)
         return self
 
@@ -153,8 +189,11 @@ class BamWorkflow(Workflow):
         """
         if workers < 1:
             raise ValueError(f"workers must be >= 1, not {workers}")
+        refuse_overwrite([input], output)
         if (distribute.missing == "unassigned") != (unassigned_worker is not None):
             raise ValueError("missing='unassigned' and an unassigned worker go together")
+        if encode.sort_order is None and collect.order not in ("input", "coordinate"):
+            encode = dataclasses.replace(encode, sort_order="unsorted")  # the workers' outputs interleave
         writes = output is not None
         self.BAM_reader(input=input, output=FIFO("decoded", "wb"), options=decode)
         reader = self.last[0]
@@ -200,7 +239,8 @@ class BamWorkflow(Workflow):
             self.BAM_writer(input=FIFO("collected", "rb"), output=output, options=encode)
             writer = self.last[0]
         return Scatter(reader, distributor, worker_jobs, unassigned_job, collector, writer,
-                       passes_unassigned=writes and pass_unassigned and unassigned_worker is not None)
+                       passes_unassigned=writes and pass_unassigned and unassigned_worker is not None,
+                       key_tags=distribute.by if distribute.by_tags else ())
 
 
 @dataclass
@@ -214,14 +254,17 @@ class Scatter:
     collector: Job | None
     writer: Job | None
     passes_unassigned: bool = False
+    key_tags: tuple[str, ...] = ()
     flow: dict[str, Any] = field(default_factory=dict)
 
     def check_flow(self, w: Workflow) -> dict[str, Any]:
         """Check that every stage passed on what it got: the reads dealt to the
         workers are the reads they were handed, the records they wrote are the
-        records collected, and those the records written out. Raises
-        WorkflowError naming the stages that disagree; returns the counts."""
+        records collected, and those the records written out; the key tags are
+        on some read. Raises WorkflowError naming the stages that disagree;
+        returns the counts."""
         dist = w.result(self.distributor)
+        require_tags(self.key_tags, dist["records"], dist["tags_seen"])
         per_worker = w.result(self.workers)
         unassigned = w.result(self.unassigned) if self.unassigned is not None else None
         dealt = dist["records"] - dist["dropped_missing_tag"] - dist["unassigned"]

@@ -23,8 +23,10 @@ from typing import Any
 from . import progress
 from .fifo import FIFO, FifoFile, open_read_end, open_write_ends, wrap_fd
 from .files import InputFile, OutputFile
+from .publish import STDOUT_NAMES
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 
 
 @dataclass(eq=False)
@@ -103,6 +105,33 @@ def _become_job_process(parent_pid: int | None) -> None:
             os._exit(1)
 
 
+def _close_inherited_fds(fds: list[int]) -> None:
+    """Close the supervisor's descriptors this process inherited (its ends of
+    the other jobs' result pipes and exit sentinels): a job holds O(1)
+    descriptors besides its own, whatever the number of jobs."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # not inherited (spawn, forkserver)
+
+
+def _owns_stdout(job: Job) -> bool:
+    return any(isinstance(s, OutputFile) and s.path in STDOUT_NAMES for s in job.specs())
+
+
+def _name_process(job: Job) -> None:
+    """Name the process after its stage, as ps and top show it (``bamflow:dist0``)."""
+    short = job.name.rsplit(".", 1)[-1]
+    title = f"bamflow:{short}"
+    if len(title) > 15:  # the kernel keeps 15 bytes
+        title = short[-15:]
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, ctypes.c_char_p(title.encode()), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _open_fifos(job: Job, fifo_paths: dict[str, str], pipe_size: int) -> tuple[dict[str, FifoFile], list[FifoFile]]:
     """Open this job's FIFO ends: all read ends first, then all write ends."""
     specs = [s for s in job.specs() if isinstance(s, FIFO)]
@@ -172,12 +201,20 @@ def run_job(
     conn: Any,
     parent_pid: int | None,
     counters: tuple[str, int] | None = None,
+    inherited: list[int] | None = None,
 ) -> None:
-    """Entry point of a job process (see module docstring)."""
+    """Entry point of a job process (see module docstring). ``inherited``: the
+    supervisor's descriptors to close (see :func:`_close_inherited_fds`)."""
     t0 = time.monotonic()
     _become_job_process(parent_pid)
+    _close_inherited_fds(inherited or [])
+    _name_process(job)
     if counters is not None:
         progress._attach_current(*counters)
+    if not _owns_stdout(job):
+        # stdout may be the run's data stream: a print() in user code goes to stderr
+        sys.stdout.flush()
+        os.dup2(2, 1)
     files: list[FifoFile] = []
     try:
         opened: dict[str, FifoFile] = {}

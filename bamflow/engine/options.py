@@ -7,14 +7,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, TypeVar
 
-O = TypeVar("O", bound="StageOptions")
+OptionsT = TypeVar("OptionsT", bound="StageOptions")
 
 
 class StageOptions:
     """Base of the stages' option dataclasses."""
 
     @classmethod
-    def take(cls: type[O], options: O | None, kwargs: dict[str, Any]) -> tuple[O, dict[str, Any]]:
+    def take(cls: type[OptionsT], options: OptionsT | None, kwargs: dict[str, Any]) -> tuple[OptionsT, dict[str, Any]]:
         """(options, the other kwargs): the fields of ``cls`` found in
         ``kwargs`` replace those of ``options`` (or of the defaults)."""
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]

@@ -49,12 +49,9 @@ import multiprocessing
 import os
 import re
 import shutil
-import signal
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, overload
 
 from . import lines
@@ -64,6 +61,7 @@ from .files import InputFile, OutputFile
 from .job import Job
 from .progress import JobProgress
 from .publish import Publication
+from .signals import sigterm_raises
 from .supervisor import Supervisor
 
 # FIFO specs are immutable: safe as defaults
@@ -123,6 +121,7 @@ class Workflow:
         self._items: list[Job | Workflow] = []
         self._name_counts: dict[str, int] = {}
         self._last: tuple[Job, ...] = ()
+        self._on_success: list[Callable[[], None]] = []
         self.result_dict: dict[str, Any] = {}
         self.exc_dict: dict[str, str] = {}
         self.job_stats: dict[str, dict[str, float]] = {}
@@ -159,6 +158,13 @@ class Workflow:
         job = Job(self._job_name(job_name), func, args, kwargs, managed)
         self._items.append(job)
         self._last = (job,)
+        return self
+
+    def on_success(self, action: Callable[[], None]) -> Workflow:
+        """Run ``action`` when the run's outputs are published (after every job
+        succeeded and ``check`` passed): for what cannot be renamed into place,
+        such as the end marker of a stream on standard output."""
+        self._on_success.append(action)
         return self
 
     @property
@@ -313,6 +319,13 @@ class Workflow:
             groups.append(current)
         return groups
 
+    def _all_on_success(self) -> list[Callable[[], None]]:
+        actions = list(self._on_success)
+        for item in self._items:
+            if isinstance(item, Workflow):
+                actions += item._all_on_success()
+        return actions
+
     def jobs(self) -> list[Job]:
         return [job for phase in self.phases() for job in phase]
 
@@ -410,6 +423,7 @@ class Workflow:
         none appear.
         """
         self.validate()
+        _check_descriptors(self.phases())
         self.result_dict.clear()
         self.exc_dict.clear()
         self.job_stats.clear()
@@ -418,11 +432,13 @@ class Workflow:
         deadline = None if timeout is None else time.monotonic() + timeout
         own = publication is None
         pub = Publication() if publication is None else publication
+        for action in self._all_on_success():
+            pub.on_commit(action)
         temp_outputs: dict[str, str] = {}
         fifo_dir = tempfile.mkdtemp(prefix=f"bamflow-{_safe_name(self.name, 40)}-", dir=self.tmp_dir)
         succeeded = False
         try:
-            with _sigterm_raises():
+            with sigterm_raises():
                 for number, phase in enumerate(self.phases()):
                     # inputs are read where an earlier phase wrote them; a file
                     # this phase both reads and writes is read as it was
@@ -480,23 +496,40 @@ class Workflow:
         return f"Workflow({self.name!r}, jobs={[job.name for job in self.jobs()]})"
 
 
+JOB_BASE_FDS = 12  # stdio, the result pipe, the sentinel pipes, the counters, libraries' own
+SUPERVISOR_FDS_PER_JOB = 2  # result pipe, exit sentinel (see supervisor._drop_parent_alive_pipe)
+SUPERVISOR_FDS = 8  # the counters file, the pipes of the job being started, a listing
+
+
+def _check_descriptors(phases: list[list[Job]]) -> None:
+    """Raise WorkflowError before anything starts if the open-file limit
+    (``ulimit -n``) is too low for the supervisor or a job; the soft limit is
+    first raised to the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return
+    need = max(
+        max(
+            open_now + SUPERVISOR_FDS + SUPERVISOR_FDS_PER_JOB * len(phase),
+            max(JOB_BASE_FDS + len(job.fifo_ends()) + len(job.specs()) for job in phase),
+        )
+        for phase in phases
+    ) if phases else 0
+    if need <= soft:
+        return
+    if hard == resource.RLIM_INFINITY or need <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else need * 2, hard))
+        return
+    raise WorkflowError(
+        f"this workflow needs about {need} open files, but the limit (ulimit -n) is {hard}: "
+        f"raise it (ulimit -n {need * 2}) or use fewer workers, shards or outputs"
+    )
+
+
 def _safe_name(name: str, limit: int) -> str:
     """A free-text name as a file name part."""
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:limit]
-
-
-@contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """While running, SIGTERM raises WorkflowError (so cleanup runs) instead of killing us."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        raise WorkflowError("workflow stopped by SIGTERM")
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

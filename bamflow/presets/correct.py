@@ -33,15 +33,19 @@ Two passes: (1) count raw barcodes with the ``TagCounter`` kernel
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ..bam.options import CollectOptions, DecodeOptions, DistributeOptions, EncodeOptions, parse_tags
 from ..bam.workflow import BamWorkflow
 from ..engine import progress
 from ..engine.errors import WorkflowError
-from ..engine.files import open_for_reading, open_for_writing
+from ..engine.files import STDIN_NAMES, copy_stream, open_for_reading, open_for_writing
+from ..engine.publish import STDOUT_NAMES
 from ..kernels.presets import CORRECT_STATS, Corrector
 from .histogram import count_values
 
@@ -177,6 +181,33 @@ def correct(
     wl = whitelist if isinstance(whitelist, Whitelist) else load_whitelist(whitelist)
     wl_seconds = time.perf_counter() - t0
 
+    with _rereadable(os.fspath(input), os.fspath(output)) as source:
+        return _correct(source, output, wl, wl_seconds, whitelist, tags, suffix, threads, workers, level, pseudocount,
+                        threshold, command_line, on_progress)
+
+
+@contextmanager
+def _rereadable(input: str, output: str) -> Iterator[str]:
+    """``input`` as a path that can be read twice: standard input is first
+    copied to a hidden file beside the output (removed afterwards)."""
+    if input not in STDIN_NAMES:
+        yield input
+        return
+    folder = os.path.dirname(os.path.abspath(output)) if output not in STDOUT_NAMES else None
+    fd, path = tempfile.mkstemp(prefix=".bamflow-stdin-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as spool:
+            copy_stream(sys.stdin.buffer, spool.fileno())
+        yield path
+    finally:
+        os.unlink(path)
+
+
+def _correct(input: str, output: Any, wl: Any, wl_seconds: float, whitelist: Any, tags: tuple[str, ...],
+             suffix: str, threads: int, workers: int, level: Any, pseudocount: float, threshold: float,
+             command_line: str | None, on_progress: Any) -> dict[str, Any]:
+    """The two passes of :func:`correct` over a path that can be read twice."""
+    tag_in = tags[0]
     # pass 1: reads per raw barcode; keep those in the whitelist
     counts, _ = count_values(input, tag_in, skip_secondary=True, threads=threads, workers=1, name="correct_count")
     exact_counts = {bc: n for bc, n in counts.items() if bc in wl}

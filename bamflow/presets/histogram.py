@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..bam.options import DecodeOptions, DistributeOptions, parse_tag
-from ..bam.workflow import BamWorkflow
+from ..bam.workflow import BamWorkflow, refuse_overwrite
 from ..engine import progress
 from ..engine.errors import WorkflowError
 from ..engine.files import open_for_reading
@@ -74,7 +74,11 @@ def count_values(
         decode=DecodeOptions(threads),
         worker_kwargs=dict(tag=tag, skip_secondary=skip_secondary, skip_duplicates=skip_duplicates, min_mapq=min_mapq),
     )
-    w.run(on_progress=on_progress, check=jobs.check_flow)
+    def check(w: BamWorkflow) -> None:
+        jobs.check_flow(w)
+        jobs.require_tags(w, [tag])
+
+    w.run(on_progress=on_progress, check=check)
     counts: dict[bytes, int] = {}
     stats = dict.fromkeys(COUNT_STATS, 0)
     for result in w.result(jobs.workers):
@@ -127,6 +131,7 @@ def histogram(
     if min_mapq is not None and read_quality is not None and min_mapq != read_quality:
         raise ValueError(f"min_mapq={min_mapq} and read_quality={read_quality} are the same option; give one")
     mq = min_mapq if min_mapq is not None else (read_quality if read_quality is not None else 0)
+    refuse_overwrite([input], output)
     counts, stats = count_values(
         input, tag, skip_secondary=skip_secondary, skip_duplicates=filter_pcr_duplicates, min_mapq=mq,
         workers=workers, threads=threads, name="histogram", on_progress=on_progress,

@@ -38,8 +38,10 @@ from typing import Any
 
 from ..bam.header import BamHeader
 from ..bam.header import command_line as process_command_line
+from ..bam.workflow import refuse_overwrite
 from ..engine.errors import WorkflowError
 from ..engine.publish import Publication
+from ..engine.signals import sigterm_raises
 
 LAYOUTS = {
     "10x-v2": "CB=r1[0:16],UMI=r1[16:26]",
@@ -126,6 +128,7 @@ def tag(
     read1, read2, output = os.fspath(read1), os.fspath(read2), os.fspath(output)
     if read1 == "-" and read2 == "-":
         raise ValueError("only one of read1 and read2 can be '-' (stdin)")
+    refuse_overwrite([read1, read2], output)
     segs = parse_layout(layout)
     need = max(b for parts in segs.values() for _, b in parts)
     header = make_header(sample, read_group, command_line or process_command_line())
@@ -136,7 +139,7 @@ def tag(
     pairs = written = too_short = 0
     where = "reading the FASTQ pair"
     try:
-        with _open_fastq(read1) as f1, _open_fastq(read2) as f2:
+        with sigterm_raises(), _open_fastq(read1) as f1, _open_fastq(read2) as f2:
             writer = BgzfWriter(sys.stdout.buffer if to_stdout else pub.path(output),
                                 level=DEFAULT_LEVEL if level is None else level, threads=threads)
             try:
