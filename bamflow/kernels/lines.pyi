@@ -1,5 +1,5 @@
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 if TYPE_CHECKING:
     from bamflow.engine.lines import LineCollectOptions, LineDistributeOptions
@@ -44,23 +44,6 @@ class LineCollector:
     ) -> None: ...
     def run(self) -> CollectStats: ...
 
-def distribute_lines(
-    in_fd: int,
-    out_fds: Iterable[int],
-    options: LineDistributeOptions,
-    *,
-    header_fd: int = -1,
-    buffer_size: int = 1 << 20,
-    out_buffer_size: int = 1 << 16,
-) -> DistributeStats: ...
-def collect_lines(
-    in_fds: Iterable[int],
-    out_fd: int,
-    options: LineCollectOptions,
-    *,
-    header_fd: int = -1,
-    buffer_size: int = 1 << 20,
-    out_buffer_size: int = 1 << 20,
-    read_ahead: int = 32 << 20,
-    stall_ms: int = 1000,
-) -> CollectStats: ...
+# the one-call forms: LineDistributor(...).run() and LineCollector(...).run()
+def distribute_lines(in_fd: int, out_fds: Iterable[int], options: LineDistributeOptions, **kwargs: Any) -> DistributeStats: ...
+def collect_lines(in_fds: Iterable[int], out_fd: int, options: LineCollectOptions, **kwargs: Any) -> CollectStats: ...
