@@ -3,6 +3,9 @@ import random
 
 import pytest
 
+# samtools as pysam bundles it (tests/bin/samtools): no system package needed
+os.environ["PATH"] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bin") + os.pathsep + os.environ["PATH"]
+
 
 @pytest.fixture(params=["fork", "spawn"])
 def start_method(request):
