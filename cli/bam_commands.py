@@ -19,15 +19,17 @@ from .common import (
     _per_output,
     _written_to,
     command,
+    folder_output,
     output_option,
+    stream_output,
     workers_option,
 )
 
 
-@command("Example: bamflow shard --by CB -n 16 -o shards/ in.bam")
+@command("Example: bamflow shard --by CB in.bam   (16 shards in in.shards/)")
 def shard(
     input: Annotated[str, INPUT],
-    output: Annotated[Path, output_option("Folder for the shards (created if missing).")],
+    output: Annotated[Path | None, output_option("Folder for the shards (created if missing). Default: INPUT.shards")] = None,
     by: str = typer.Option("CB", "--by", help="Tag(s) to shard by (CB, or CB,UB), or 'name' for read names."),
     n: int = typer.Option(16, "-n", "--shards", min=1, help="Number of shards."),
     missing: str = typer.Option("unassigned", "--missing", help="Reads without the tag: unassigned (own file), drop, error."),
@@ -45,20 +47,32 @@ def shard(
 
     if missing not in MISSING_POLICIES:
         raise typer.BadParameter(f"must be one of {', '.join(MISSING_POLICIES)}", param_hint="--missing")
-    result = common.run(shard_bam, input, output, by=by, n=n, missing=missing, prefix=prefix, tally=_per_output)
-    balance = result["balance"]
-    if balance:
-        common.say(
-            f"balance: {balance['min']:,.0f}–{balance['max']:,.0f} reads per shard, "
-            f"max/mean {balance['max_over_mean']:.2f}, CV {balance['cv']:.3f}; "
-            f"{result['values']:,} values in {result['manifest']}"
-        )
+    folder = folder_output(output, input, "shards")
+
+    def key_numbers(result: dict[str, Any]) -> dict[str, Any]:
+        balance = result["balance"]
+        numbers: dict[str, Any] = {"values": result["values"]}
+        if balance:
+            numbers["balance"] = (
+                f"{balance['min']:,.0f}–{balance['max']:,.0f} reads per shard, "
+                f"max/mean {balance['max_over_mean']:.2f}, CV {balance['cv']:.3f}"
+            )
+        if result.get("manifest"):
+            numbers["manifest"] = result["manifest"]
+        return numbers
+
+    common.run(
+        shard_bam, input, folder, by=by, n=n, missing=missing, prefix=prefix, tally=_per_output,
+        key_numbers=key_numbers, output=folder if output is None else None,
+    )
 
 
-@command("Example: bamflow split --by CB --min-reads 100 -o cells/ in.bam")
+@command("Example: bamflow split --by CB --min-reads 100 in.bam   (one BAM per cell in in.cells/)")
 def split(
     input: Annotated[str, INPUT],
-    output: Annotated[Path, output_option("Folder for the outputs (created if missing).")],
+    output: Annotated[
+        Path | None, output_option("Folder for the outputs (created if missing). Default: INPUT.cells (or .groups, .split)")
+    ] = None,
     by: str = typer.Option("CB", "--by", help="Tag(s) whose values name the outputs (CB, or CB,UB)."),
     barcodes: Path | None = typer.Option(
         None, "--barcodes", callback=_existing_file, help="Only these values (one per line; gzip ok)."
@@ -84,22 +98,27 @@ def split(
     if barcodes is not None and groups is not None:
         raise typer.BadParameter("give --barcodes or --groups, not both", param_hint="--barcodes")
 
+    folder = folder_output(output, input, "groups" if groups is not None else "cells" if by == "CB" else "split")
+
     def tally(result: dict[str, Any]) -> Tally:
-        dropped = {reason: n for reason, n in result["dropped"].items() if n}
-        return result["records_in"], {f"{result['files']:,} files": result["written"]}, dropped
+        return result["records_in"], {f"{result['files']:,} files": result["written"]}, result["dropped"]
+
+    def key_numbers(result: dict[str, Any]) -> dict[str, Any]:
+        return {"files": result["files"], "manifest": result.get("manifest")}
 
     options = dict(by=by, values=barcodes, groups=groups, min_reads=min_reads, memory_budget=memory << 20, prefix=prefix)
-    common.run(split_reads, input, output, workers=workers, **options, tally=tally)
+    common.run(split_reads, input, folder, workers=workers, **options, tally=tally, key_numbers=key_numbers,
+               output=folder if output is None else None)
 
 
-@command("Example: bamflow filter --barcodes cells.txt in.bam -o subset.bam")
+@command("Example: bamflow filter --barcodes cells.txt in.bam > subset.bam")
 def filter(
     input: Annotated[str, INPUT],
-    output: Annotated[str, output_option("Output BAM (- for stdout).")],
+    output: Annotated[str | None, output_option("Output BAM (default: standard output, unless a terminal).")] = None,
     barcodes: Path = typer.Option(
         ..., "--barcodes", callback=_existing_file, help="Values to keep, one per line (gzip ok); any number."
     ),
-    tag: str = typer.Option("CB", "--tag", help="The tag (or tags, CB,UB) to look up."),
+    tag: str = typer.Option("CB", "--by", "--tag", help="The tag (or tags, CB,UB) to look up."),
     invert: bool = typer.Option(False, "--invert", help="Keep the reads whose value is NOT listed."),
     *,
     common: Common,
@@ -110,11 +129,14 @@ def filter(
     """
     from bamflow.bam.split import filter_reads
 
-    def tally(result: dict[str, Any]) -> Tally:
-        dropped = {"not listed": result["dropped_not_listed"], "missing tag": result["dropped_missing_tag"]}
-        return result["records_in"], {output: result["kept"]}, {k: v for k, v in dropped.items() if v}
+    output = stream_output(output)
 
-    common.run(filter_reads, input, output, tag=tag, values=barcodes, invert=invert, tally=tally)
+    def tally(result: dict[str, Any]) -> Tally:
+        dropped = {"not_listed": result["dropped_not_listed"], "missing_tag": result["dropped_missing_tag"]}
+        return result["records_in"], {output: result["kept"]}, dropped
+
+    common.run(filter_reads, input, output, tag=tag, values=barcodes, invert=invert, tally=tally,
+               key_numbers=lambda result: {"kept": result["kept"], "values listed": result.get("values")})
 
 
 @command("Example: bamflow run my_module:fix_read --by CB -w 4 in.bam -o out.bam")
@@ -123,7 +145,7 @@ def run(
         str, typer.Argument(help="MODULE:FUNC or path/to/file.py:FUNC; FUNC(read) returns the read, None or reads.")
     ],
     input: Annotated[str, INPUT],
-    output: Annotated[str, output_option("Output BAM (- for stdout).")],
+    output: Annotated[str | None, output_option("Output BAM (default: standard output, unless a terminal).")] = None,
     by: str | None = typer.Option(None, "--by", help="Send reads with the same tag value(s) (CB, CB,UB) or 'name' together."),
     workers: int = workers_option(),
     order: str = typer.Option("input", "--order", help="Output order: input, any, coordinate, tag:XX."),
@@ -144,9 +166,14 @@ def run(
         raise typer.BadParameter("must be input, any, coordinate or tag:XX", param_hint="--order")
     if order == "input" and by is not None:
         order = "any"  # sharding by a key cannot keep the input order
+    output = stream_output(output)
     func = _load_function(function)
     options = dict(by=by, order=order, chunk_size=chunk_size, missing=missing, fmt=fmt)
-    common.run(map_reads, input, func, output, workers=workers, **options, tally=_written_to(output))
+
+    def key_numbers(result: dict[str, Any]) -> dict[str, Any]:
+        return {"added by the function": result.get("added", 0)} if result.get("added") else {}
+
+    common.run(map_reads, input, func, output, workers=workers, **options, tally=_written_to(output), key_numbers=key_numbers)
 
 
 def _load_function(spec: str) -> Callable[..., Any]:

@@ -27,28 +27,30 @@ from rich.console import Console
 from bamflow import WorkflowError, __version__
 from bamflow.engine.publish import Publication, is_special
 
-from .display import ProgressDisplay, summary_table
+from .display import ProgressDisplay, print_final, quiet_line, stage_dicts, summary_table, summary_title
 
 EXAMPLES = """
-Examples:
+Examples (a folder named after the input when there is no -o: in.shards/, in.cells/, in.qc/):
 
+\b
+  bamflow shard --by CB in.bam
   bamflow shard --by CB -n 16 -o shards/ possorted_genome_bam.bam
-
   samtools view -u in.bam | bamflow shard --by CB,UB -o shards/ -
-
-  bamflow split --by CB --min-reads 100 -o cells/ in.bam
-
-  bamflow filter --barcodes cells.txt in.bam -o subset.bam
-
+  bamflow split --by CB --min-reads 100 in.bam
+  bamflow filter --barcodes cells.txt in.bam > subset.bam
+  bamflow qc in.bam
   bamflow run my_module:fix_read --by CB -w 4 in.bam -o out.bam
+
+Shell completion: bamflow --install-completion (bash, zsh, fish, PowerShell).
 """
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     help="High-throughput BAM/SAM processing over named pipes, with every read accounted for.\n" + EXAMPLES,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
@@ -81,9 +83,12 @@ def _level(value: str | None) -> int | str | None:
     return level
 
 
+PROGRESS_MODES = ("auto", "live", "log", "json", "none")
+
+
 def _progress(value: str) -> str:
-    if value not in ("auto", "live", "log", "none"):
-        raise typer.BadParameter("must be auto, live, log or none", param_hint="--progress")
+    if value not in PROGRESS_MODES:
+        raise typer.BadParameter("must be auto, live, log, json or none", param_hint="--progress")
     return value
 
 
@@ -120,7 +125,14 @@ SHARED = (
     ),
     _shared("stats", Path | None, None, "--stats", callback=_stats, help="Write the run's statistics to this JSON file."),
     _shared("quiet", bool, False, "-q", "--quiet", help="No live display: a log line every few seconds."),
-    _shared("progress", str, "auto", "--progress", callback=_progress, help="Progress display: auto, live, log or none."),
+    _shared(
+        "progress",
+        str,
+        "auto",
+        "--progress",
+        callback=_progress,
+        help="Progress: auto (live on a terminal, else log lines), live, log, json (an object a line on stderr) or none.",
+    ),
     _shared("debug", bool, False, "--debug", help="Show the failing job's traceback on error."),
 )
 """The options every command takes, after its own, in this order (see :func:`command`)."""
@@ -144,6 +156,7 @@ def input_argument(help: str = "BAM, uncompressed BAM or SAM file; - for stdin."
 
 
 def output_option(help: str) -> Any:
+    """-o/--output, optional: see :func:`folder_output` and :func:`stream_output` for the defaults."""
     return typer.Option("-o", "--output", help=help)
 
 
@@ -151,14 +164,106 @@ def workers_option(help: str = "Worker processes.", default: int = 2) -> Any:
     return typer.Option(default, "-w", "--workers", min=1, help=help)
 
 
+# -- where outputs go when -o is not given ------------------------------------------------------
+
+INPUT_SUFFIXES = (".gz", ".bam", ".ubam", ".sam", ".cram")
+
+
+def default_folder(input: str, suffix: str) -> Path:
+    """The folder a command writes when -o is not given: named after the input,
+    in the current folder, as samtools split's prefix (``in.bam`` → ``in.shards``)."""
+    name = os.path.basename(input.rstrip("/"))
+    stem = name
+    while stem.lower().endswith(INPUT_SUFFIXES):
+        stem = stem[: stem.rfind(".")]
+    return Path(f"{stem or name}.{suffix}")
+
+
+def folder_output(output: Path | None, input: str, suffix: str) -> Path:
+    """The output folder: -o, else one named after the input (stdin has no name: -o is needed)."""
+    if output is not None:
+        return output
+    if input == "-":
+        raise typer.BadParameter("reading stdin: name the output folder with -o", param_hint="'-o' / '--output'")
+    return default_folder(input, suffix)
+
+
+def stream_output(output: str | None) -> str:
+    """The output file: -o, else standard output unless that is a terminal (as samtools does)."""
+    if output is not None:
+        return output
+    if sys.stdout.isatty():
+        raise typer.BadParameter(
+            "standard output is a terminal: give an output file with -o, or redirect (> out.bam)",
+            param_hint="'-o' / '--output'",
+        )
+    return "-"
+
+
+# -- one name per concept, across the commands ------------------------------------------------
+
 INPUT = input_argument()
 SHARDED_WORKERS = "Worker processes (cells are sharded over them)."
 METHOD = typer.Option(
     "directional", "--method", help="unique, percentile, cluster, adjacency or directional (umi_tools' definitions)."
 )
 CELL_TAG = typer.Option("CB", "--cell-tag", help="Cell barcode tag.")
-UMI_TAG = typer.Option("UB", "--umi-tag", help="UMI tag.")
+GENE_TAG = typer.Option("GX", "--gene-tag", help="Gene (id) tag.")
+GENE_NAME_TAG = typer.Option(
+    "GN", "--gene-name-tag", "--name-tag", help="Gene name tag (mitochondrial genes: names starting with MT- or mt-)."
+)
+
+
+def _umi_tag(value: str) -> str:
+    """--umi-tag for commands that read the UMI from a tag: UB (tag:UB, the old --umi spelling, too)."""
+    tag = value[4:] if value.startswith("tag:") else value
+    if value in UMI_FROM_READ_NAME:
+        raise typer.BadParameter(f"this command reads the UMI from a tag, not {value!r}", param_hint="--umi-tag")
+    return tag
+
+
+UMI_FROM_READ_NAME = ("read_name", "read_name_cell")
+UMI_TAG = typer.Option("UB", "--umi-tag", "--umi", callback=_umi_tag, help="UMI tag.")
+
+
+def _umi_source(value: str) -> str:
+    """--umi-tag for dedup: a tag (UB, or tag:UB), or read_name / read_name_cell; as
+    bamflow.presets.dedup's ``umi`` argument ("tag:UB", "read_name", "read_name_cell")."""
+    return value if value in UMI_FROM_READ_NAME else f"tag:{_umi_tag(value)}"
+
+
+UMI_SOURCE = typer.Option(
+    "UB",
+    "--umi-tag",
+    "--umi",
+    callback=_umi_source,
+    help="UMI tag (UB), or read_name (…_UMI) / read_name_cell (…_CELL_UMI) for the UMI in the read name.",
+)
+"""--umi-tag for dedup (the UMI can also come from read names); the value is dedup's ``umi`` argument."""
+
 TAGGED_INPUT = input_argument("BAM with cell, UMI and gene tags; - for stdin.")
+
+DROP_REASONS = {
+    "missing tag": "missing_tag",
+    "dropped_missing_tag": "missing_tag",
+    "not listed": "not_listed",
+    "not_selected": "not_listed",
+    "dropped_not_listed": "not_listed",
+    "secondary": "not_primary",
+    "dropped_by_function": "by_function",
+}
+"""The one spelling of each reason a read is dropped for (snake_case), whatever a function calls it."""
+
+
+def drop_reasons(dropped: dict[str, int]) -> dict[str, int]:
+    """Dropped reads by reason, each reason spelled one way; reasons with no read left out."""
+    out: dict[str, int] = {}
+    for reason, n in dropped.items():
+        key = DROP_REASONS.get(reason, reason.replace(" ", "_").replace("-", "_"))
+        if n:
+            out[key] = out.get(key, 0) + n
+    return out
+
 
 Tally = tuple[int, dict[str, int], dict[str, int]]
 """What the summary shows: reads in, reads written per output, reads dropped per reason."""
@@ -194,6 +299,7 @@ class Common:
     debug: bool
     level: int | str | None = None
     console: Console = field(default_factory=lambda: Console(stderr=True), repr=False)
+    _display: ProgressDisplay | None = field(default=None, init=False, repr=False)
 
     def mode(self) -> str:
         if self.progress != "auto":
@@ -202,22 +308,36 @@ class Common:
             return "log"
         return "live"
 
-    def run(self, api: Callable[..., Any], *args: Any, tally: Callable[[dict[str, Any]], Tally], **kwargs: Any) -> dict[str, Any]:
+    def run(
+        self,
+        api: Callable[..., Any],
+        *args: Any,
+        tally: Callable[[dict[str, Any]], Tally],
+        key_numbers: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        output: str | os.PathLike[str] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
         """``api(*args, **kwargs)`` with the shared settings it takes (threads, level, command_line,
         on_progress) under the display; ``args[0]`` is the input. Publishes the stats file and
-        prints the summary (``tally(result)``) after a run that succeeded; failures → one error
+        prints the summary after a run that succeeded: where the reads went (``tally(result)``),
+        the command's own ``key_numbers(result)``, each stage's work and the bottleneck, and
+        ``output`` (where the outputs went, when the user did not say). Failures → one error
         line and exit status 1."""
         params = inspect.signature(api).parameters
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        accepts = {name for name in ("threads", "level", "command_line", "on_progress") if takes_any or name in params}
+        settings = ("threads", "level", "command_line", "on_progress")
+        accepts = {name for name in settings if name in params}
+        if not accepts and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            accepts = set(settings)  # a wrapper that passes everything on
         shared = {"threads": self.threads, "level": self.level, "command_line": _command_line()}
         kwargs.update({key: value for key, value in shared.items() if key in accepts})
         input = os.fspath(args[0])
         total = os.path.getsize(input) if input != "-" and os.path.isfile(input) else None
         started = time.monotonic()
+        display = ProgressDisplay(self.console, self.mode(), total, f"bamflow {self.name}")
+        self._display = display
         try:
-            with ProgressDisplay(self.console, self.mode(), total, f"bamflow {self.name}") as display:
-                if "on_progress" in accepts:
+            with display:
+                if "on_progress" in accepts and self.mode() != "none":  # none: not even watched
                     kwargs["on_progress"] = display
                 done = api(*args, **kwargs)
             result = done.as_dict() if hasattr(done, "as_dict") else dict(done)
@@ -231,29 +351,75 @@ class Common:
         except OSError as e:
             self._fail(f"{type(e).__name__}: {e}", None)
         except KeyboardInterrupt:
-            self.say(f"bamflow {self.name}: interrupted", style="bold red")
-            raise typer.Exit(130) from None
-        self.summary(*tally(result), result["seconds"])
+            self._fail("interrupted", None, status=130)
+        reads_in, written, dropped = tally(result)
+        numbers = key_numbers(result) if key_numbers is not None else {}
+        if output is not None:
+            numbers["output"] = os.fspath(output)
+        self.summary(reads_in, written, drop_reasons(dropped), result["seconds"], numbers)
         return result
 
     def _fail(self, summary: str, details: str | None, status: int = 1) -> NoReturn:
-        self.say(f"bamflow {self.name}: error: {summary}", style="bold red")
-        if self.debug and details:
-            self.say(details)
+        if self.mode() == "json":
+            error = {"event": "error", "command": f"bamflow {self.name}", "message": summary, "exit_status": status}
+            if self.debug and details:
+                error["details"] = details
+            self._emit(error)
+        else:
+            self.say(f"bamflow {self.name}: error: {summary}", style="bold red")
+            if self.debug and details:
+                self.say(details)
         raise typer.Exit(status)
 
-    def say(self, text: str, style: str | None = None) -> None:
-        """A line on stderr, as it is (no highlighting, no wrapping)."""
-        self.console.print(text, style=style, highlight=False, soft_wrap=True)
+    def _emit(self, obj: dict[str, Any]) -> None:
+        self.console.file.write(json.dumps(obj, default=str) + "\n")
+        self.console.file.flush()
 
-    def summary(self, reads_in: int, written: dict[str, int], dropped: dict[str, int], seconds: float) -> None:
-        if self.quiet:
-            self.say(
-                f"bamflow {self.name}: {reads_in:,} reads in, {sum(written.values()):,} written, "
-                f"{sum(dropped.values()):,} dropped {dropped or ''} in {seconds:.1f} s"
-            )
+    def say(self, text: str, style: str | None = None) -> None:
+        """A line on stderr, as it is (no highlighting, no wrapping); an object with --progress json."""
+        if self.mode() == "json":
+            self._emit({"event": "message", "command": f"bamflow {self.name}", "text": text})
+            return
+        self.console.print(text, style=style, highlight=False, soft_wrap=True, markup=False)
+
+    def summary(
+        self,
+        reads_in: int,
+        written: dict[str, int],
+        dropped: dict[str, int],
+        seconds: float,
+        key_numbers: dict[str, Any] | None = None,
+    ) -> None:
+        title = f"bamflow {self.name}"
+        board = self._display.board if self._display is not None else None
+        bottleneck = board.bottleneck_text(final=True) if board is not None and board.jobs else ""
+        mode = self.mode()
+        if mode == "json":
+            self._emit({
+                "event": "summary",
+                "command": title,
+                "seconds": round(seconds, 3),
+                "reads_in": reads_in,
+                "written": written,
+                "dropped": dropped,
+                "key_numbers": key_numbers or {},
+                "bottleneck": _final_bottleneck(board),
+                "stages": stage_dicts(board, whole_run=True) if board is not None else [],
+                "sampler_cpu_seconds": round(board.sampler_total, 4) if board is not None else 0.0,
+            })
+        elif self.quiet or mode == "none":
+            self.say(quiet_line(title, reads_in, written, dropped, seconds, key_numbers, bottleneck))
         else:
-            self.console.print(summary_table(f"bamflow {self.name}", reads_in, written, dropped, seconds))
+            table = summary_table(title, reads_in, written, dropped, seconds, key_numbers)
+            print_final(self.console, board, summary_title(title, reads_in, seconds), table)
+
+
+def _final_bottleneck(board: Any) -> dict[str, Any] | None:
+    """The stage that was the bottleneck longest, and for what share of the run."""
+    if board is None or not board.bottleneck_seconds:
+        return None
+    stage = max(board.bottleneck_seconds, key=lambda s: board.bottleneck_seconds[s])
+    return {"stage": stage, "share_of_run": round(board.bottleneck_seconds[stage] / max(board.elapsed, 1e-9), 3)}
 
 
 def _publish_stats(path: Path, stats: dict[str, Any]) -> None:

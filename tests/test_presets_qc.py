@@ -25,7 +25,12 @@ umi_tools_network = pytest.importorskip("umi_tools.network")
 
 ACGT = "ACGT"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-OUTPUTS = {"per_cell.tsv", "summary.json", "knee.svg", "knee.png", "report.html"}
+OUTPUTS = {"per_cell.tsv", "cells.txt", "summary.json", "knee.svg", "knee.png", "report.html"}
+MITO = {"ENSG00003", "ENSG00007"}  # named MT-… in the test BAM (every other gene GENE…)
+
+
+def gene_name(gx):
+    return f"MT-ND{gx[-1]}" if gx in MITO else f"GENE{gx[-2:]}"
 
 
 # -- a small 10x-style BAM --------------------------------------------------------------------
@@ -67,6 +72,8 @@ def make_bam(path, seed=7):
             tags.append(("UB", ub))
         if gx is not None:
             tags.append(("GX", gx))
+            if not gx.startswith("__"):
+                tags.append(("GN", gene_name(gx)))
         r.set_tags(tags)
         reads.append(r)
 
@@ -139,11 +146,14 @@ def expected(path, method):
                 umis[cb][gx][ub.encode()] += 1
     for cb, c in cells.items():
         clusterer = umi_tools_network.UMIClusterer(cluster_method=method)
-        per_gene = [len(clusterer(dict(u), threshold=1)) for u in umis[cb].values()]
-        c["umis"] = sum(per_gene)
-        c["genes"] = sum(1 for m in per_gene if m >= 1)
+        per_gene = {gx: len(clusterer(dict(u), threshold=1)) for gx, u in umis[cb].items()}
+        c["umis"] = sum(per_gene.values())
+        c["genes"] = sum(1 for m in per_gene.values() if m >= 1)
         c["distinct_umis"] = sum(len(u) for u in umis[cb].values())
-    return {"reads_in": reads_in, "counted": counted, "dropped": dropped, "cells": cells, "totals": totals}
+        c["mito_umis"] = sum(m for gx, m in per_gene.items() if gx in MITO)
+    reads_per_umi = Counter(n for genes in umis.values() for u in genes.values() for n in u.values())
+    return {"reads_in": reads_in, "counted": counted, "dropped": dropped, "cells": cells, "totals": totals,
+            "reads_per_umi": reads_per_umi}
 
 
 def read_tsv(path):
@@ -178,8 +188,11 @@ def test_per_cell_values_match_an_independent_count(bam, tmp_path, method):
     assert {r["barcode"] for r in rows} == set(exp["cells"])
     for r in rows:
         e = exp["cells"][r["barcode"]]
-        for col in ("reads", "umis", "genes", "counted_reads", "distinct_umis", "mapped_reads", "gene_reads", "no_umi_reads"):
+        for col in ("reads", "umis", "genes", "counted_reads", "distinct_umis", "mapped_reads", "gene_reads", "no_umi_reads",
+                    "mito_umis"):
             assert int(r[col]) == e[col], (r["barcode"], col)
+        if e["umis"]:
+            assert float(r["fraction_mito"]) == pytest.approx(e["mito_umis"] / e["umis"], abs=1e-5)
         if e["counted_reads"]:
             assert float(r["duplication_rate"]) == pytest.approx(1 - e["umis"] / e["counted_reads"], abs=1e-5)
             assert float(r["saturation"]) == pytest.approx(1 - e["distinct_umis"] / e["counted_reads"], abs=1e-5)
@@ -281,14 +294,93 @@ def test_report_is_self_contained(run):
     out, summary = run
     text = (out / "report.html").read_text()
     assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
-    assert "<svg" in text and "<polyline" in text  # the plot, inline
+    assert "<svg" in text and "<polyline" in text  # the plots, inline
+    # works offline: no URL, no file or stylesheet it would fetch; scripts only inline
     assert re.search(r"http://|https://|//[a-z0-9.-]+\.[a-z]{2,}/", text, re.I) is None
-    assert re.search(r"\b(src|href)\s*=|@import|url\(|<script|<link", text, re.I) is None
+    assert re.search(r"\b(src|href)\s*=|@import|url\(|<link", text, re.I) is None
+    assert all(tag in ("<script>", '<script type="application/json" id="qc-data">')
+               for tag in re.findall(r"<script[^>]*>", text))
     rows = read_tsv(out / "per_cell.tsv")
-    assert '<table id="summary">' in text and '<table id="top-cells">' in text
     for r in rows[:12]:  # the top cells, in the table
-        assert f"<td>{r['barcode']}</td>" in text
-    assert f"<td>{summary['reads_in']}</td>" in text
+        assert f">{r['barcode']}</td>" in text
+    assert f"{summary['reads_in']:,}" in text and f"<td>{summary['reads_in']}</td>" not in text  # formatted
+    for label in ("Estimated number of cells", "Mean reads per cell", "Median genes per cell", "Median UMIs per cell",
+                  "Sequencing saturation", "Fraction reads in cells", "Median mitochondrial UMIs"):
+        assert f'<div class="label">{label}</div>' in text
+    assert f'<div class="value">{summary["cells"]:,}</div>' in text
+    assert f'<div class="value">{100 * summary["saturation"]:.1f}%</div>' in text
+    for panel in ("rank", "umis-per-cell", "genes-per-cell", "saturation", "mito", "barcodes"):
+        assert f'id="{panel}"' in text
+    assert "Few cells" in text  # 12 cells: a warning, as in summary.json
+    assert [w["title"] for w in summary["warnings"]][0] == "Few cells"
+
+
+def test_the_barcode_data_cannot_break_out_of_the_page(tmp_path):
+    """A barcode is data from the BAM: in the table and the script's JSON it stays text."""
+    summary = {"input": "x.bam", "method": "unique", "cells": 1, "cell_call": {"rule": "min_umis", "threshold_umis": 1,
+               "knee_rank": None, "cells": 1}, "warnings": [], "mito": None, "saturation": 0.5, "reads_in": 3,
+               "reads_with_cell": 3, "counted": 2, "dropped": {}, "barcodes": 1, "umis": 1, "umis_in_cells": 1,
+               "fraction_counted_reads_in_cells": 1.0, "median_umis_per_cell": 1, "median_genes_per_cell": 1,
+               "mean_reads_per_cell": 3, "duplication_rate": 0.5,
+               "totals": {"primary_reads": 3, "fraction_mapped": 1.0, "fraction_with_gene": 1.0, "fraction_no_umi": 0.0}}
+    evil = "</script><img src=x onerror=alert(1)>"
+    rows = qc_mod.cell_rows({evil: {"reads": 3, "umis": 1, "genes": 1, "counted": 2, "distinct_umis": 1, "mapped": 3,
+                                    "with_gene": 3, "no_umi": 0, "mito_umis": 0}}, 1)
+    text = qc_mod.report_html(summary, rows)
+    assert evil not in text and "&lt;/script&gt;&lt;img" in text
+    assert text.count("</script>") == 2
+
+
+def test_saturation_curve_is_the_expectation_of_subsampling(run, bam):
+    """saturation_curve's formula against subsampling the counted reads for real."""
+    out, summary = run
+    exp = expected(bam, "directional")
+    curve = summary["saturation_curve"]
+    assert len(curve) == qc_mod.SATURATION_POINTS and curve[-1]["fraction_of_reads"] == 1.0
+    assert curve[-1]["saturation"] == pytest.approx(summary["saturation"])
+    assert curve[-1]["mean_reads_per_cell"] == pytest.approx(summary["mean_reads_per_cell"])
+    assert [c["saturation"] for c in curve] == sorted(c["saturation"] for c in curve)  # more reads, more saturated
+    reads = [k for k, n in exp["reads_per_umi"].items() for _ in range(n)]  # reads per distinct (cell, gene, UMI)
+    rng = random.Random(5)
+    half = next(c for c in curve if c["fraction_of_reads"] == 0.5)
+    draws = []
+    for _ in range(300):
+        seen = [sum(rng.random() < 0.5 for _ in range(k)) for k in reads]
+        draws.append(1 - sum(1 for s in seen if s) / sum(seen))
+    assert statistics.mean(draws) == pytest.approx(half["saturation"], abs=0.01)
+
+
+def test_mitochondrial_fraction_and_cells_file(run, bam):
+    out, summary = run
+    exp = expected(bam, "directional")
+    called = [r for r in read_tsv(out / "per_cell.tsv") if r["is_cell"] == "1"]
+    assert (out / "cells.txt").read_text().split() == [r["barcode"] for r in called]
+    mito = summary["mito"]
+    assert mito["gene_name_tag"] == "GN" and mito["mito_genes"] == len(MITO)
+    fractions = [exp["cells"][r["barcode"]]["mito_umis"] / exp["cells"][r["barcode"]]["umis"] for r in called]
+    assert mito["median_fraction_per_cell"] == pytest.approx(statistics.median(fractions))
+    assert mito["fraction_umis_in_cells"] == pytest.approx(
+        sum(exp["cells"][r["barcode"]]["mito_umis"] for r in called) / sum(int(r["umis"]) for r in called))
+
+
+def test_without_gene_names_there_is_no_mitochondrial_fraction(bam, tmp_path):
+    summary = qc(bam, tmp_path / "o", gene_name_tag="XX", workers=1, threads=1)  # a tag no read has
+    assert summary["mito"] is None
+    rows = read_tsv(tmp_path / "o" / "per_cell.tsv")
+    assert {r["fraction_mito"] for r in rows} == {"NA"}
+    text = (tmp_path / "o" / "report.html").read_text()
+    assert "Median mitochondrial UMIs" not in text and "no read has a gene name" in text
+
+
+def test_warnings():
+    base = {"cells": 5000, "fraction_counted_reads_in_cells": 0.9, "reads_with_cell": 90,
+            "totals": {"primary_reads": 100}, "mito": {"median_fraction_per_cell": 0.05}}
+    assert qc_mod._warnings(base) == []
+    bad = dict(base, cells=40, fraction_counted_reads_in_cells=0.5, reads_with_cell=50,
+               mito={"median_fraction_per_cell": 0.3})
+    titles = [w["title"] for w in qc_mod._warnings(bad)]
+    assert titles == ["Few cells", "Low fraction of reads in cells", "Few reads with a cell barcode",
+                      "High mitochondrial fraction"]
 
 
 def test_without_matplotlib_png_is_skipped(bam, tmp_path, monkeypatch):

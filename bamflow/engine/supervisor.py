@@ -5,6 +5,11 @@ the sentinel of every process. So a job that raises, exits with a non-zero
 status, or is killed (even by SIGKILL, which leaves no message) is seen at
 once, and then every other job is stopped: after 0.2 s in which jobs ending
 anyway may still report, SIGTERM to its process group, SIGKILL 0.5 s later. Nothing waits on a peer that will never come.
+
+With an ``on_progress`` callback it also watches the job processes through
+/proc several times a second (:class:`~bamflow.engine.progress.ProcessSampler`:
+CPU time, and whether each job works or waits for a neighbour) and reports a
+:class:`~bamflow.engine.progress.Snapshot` about every ``progress_interval``.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import progress
 from .errors import WorkflowError
 from .job import Failure, Job, run_job
-from .progress import CounterBoard, JobProgress
+from .progress import CounterBoard, ProcessSampler, Snapshot, Tracker
 
 
 @dataclass
@@ -69,6 +75,29 @@ class _Running:
         self.outcome = Outcome(job.name)
 
 
+def _held_for(r: _Running) -> list[int]:
+    """The supervisor's descriptors for a started job: its result pipe's read
+    end, its exit sentinel and (fork) the pipe end that tells the child its
+    parent is alive, which multiprocessing keeps in the Popen's finalizer."""
+    fds = [r.conn.fileno(), r.process.sentinel]
+    finalizer = getattr(getattr(r.process, "_popen", None), "finalizer", None)
+    fds += [fd for fd in getattr(finalizer, "_args", ()) if isinstance(fd, int) and fd not in fds]
+    return fds
+
+
+def _drop_parent_alive_pipe(process: Any) -> None:
+    """Close the pipe end by which a forked child could ask whether its parent
+    lives (multiprocessing.parent_process): jobs learn that from
+    PR_SET_PDEATHSIG instead, and the supervisor then holds two descriptors
+    per job, not three. (The end is kept, with the sentinel, in the Popen's
+    finalizer; where it is not found, nothing is changed.)"""
+    finalizer = getattr(getattr(process, "_popen", None), "finalizer", None)
+    args = getattr(finalizer, "_args", None)
+    if isinstance(args, tuple) and len(args) == 2 and args[0] == process.sentinel and isinstance(args[1], int):
+        os.close(args[1])
+        finalizer._args = (args[0],)  # type: ignore[union-attr]
+
+
 def _signal_group(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)
@@ -93,14 +122,24 @@ class Supervisor:
         stop_grace: float = 0.5,
         report_grace: float = 0.2,
         counters_path: str | None = None,
-        on_progress: Callable[[list[JobProgress]], None] | None = None,
+        on_progress: Callable[[Snapshot], None] | None = None,
         progress_interval: float = 0.5,
+        sample_interval: float | None = None,
+        stall_after: float | None = None,
     ) -> None:
         self.jobs = jobs
         self.report_grace = report_grace
         self.on_progress = on_progress
         self.progress_interval = progress_interval
+        if sample_interval is None:  # several looks a second; fewer when there are many jobs to look at
+            sample_interval = max(progress.SAMPLE_INTERVAL, progress.SAMPLE_PER_JOB * len(jobs))
+        self.sample_interval = sample_interval
         self.board = CounterBoard(counters_path, len(jobs)) if counters_path else None
+        self.sampler = ProcessSampler(
+            [j.name for j in jobs], [j.fifo_ends() for j in jobs], fifo_paths,
+            kinds=[f"{getattr(j.func, '__module__', '')}.{getattr(j.func, '__qualname__', repr(j.func))}" for j in jobs],
+        )
+        self.tracker = Tracker(self.sampler, progress.STALL_AFTER if stall_after is None else stall_after)
         self.started_at = time.monotonic()
         self.context = context
         self.fifo_paths = fifo_paths
@@ -119,6 +158,7 @@ class Supervisor:
             self.stop()
             if self.on_progress is not None:
                 self.on_progress(self.snapshot())
+            self.sampler.close()
             if self.board is not None:
                 self.board.close()
         outcomes = {r.job.name: r.outcome for r in self.running}
@@ -133,9 +173,12 @@ class Supervisor:
         for index, job in enumerate(self.jobs):
             receiver, sender = self.context.Pipe(duplex=False)
             counters = (self.board.path, index) if self.board else None
+            # the supervisor's own descriptors, which a forked job inherits and closes
+            held = [receiver.fileno()] + [fd for r in self.running for fd in _held_for(r)]
             process = self.context.Process(
                 target=run_job,
-                args=(job, self.fifo_paths, self.temp_outputs, self.earlier_outputs, self.pipe_size, sender, parent, counters),
+                args=(job, self.fifo_paths, self.temp_outputs, self.earlier_outputs, self.pipe_size, sender, parent,
+                      counters, held if method == "fork" else None),
                 name=job.name,
             )
             self.running.append(_Running(job, process, receiver))
@@ -151,6 +194,9 @@ class Supervisor:
                 os.setpgid(process.pid, process.pid)
             except OSError:
                 pass  # the child did it itself (or already exec'd)
+            _drop_parent_alive_pipe(process)
+            if self.on_progress is not None:
+                self.sampler.started(index, process.pid)
 
     def _watch(self, deadline: float | None) -> None:
         waiting: dict[Any, tuple[str, _Running]] = {}
@@ -158,15 +204,20 @@ class Supervisor:
             waiting[r.conn] = ("message", r)
             waiting[r.process.sentinel] = ("exit", r)
         alive = len(self.running)
-        next_report = time.monotonic()
+        next_report = next_sample = time.monotonic()
         while alive:
             now = time.monotonic()
-            if self.on_progress is not None and now >= next_report:
-                self.on_progress(self.snapshot())
-                next_report = now + self.progress_interval
+            if self.on_progress is not None:
+                if now >= next_sample:
+                    self.sampler.sample(now)
+                    next_sample = now + self.sample_interval
+                if now >= next_report:
+                    self.on_progress(self.snapshot())
+                    next_report = now + self.progress_interval
             timeout = None if deadline is None else max(0.0, deadline - now)
             if self.on_progress is not None:
-                timeout = max(0.0, next_report - now) if timeout is None else min(timeout, max(0.0, next_report - now))
+                wake = max(0.0, min(next_report, next_sample) - now)
+                timeout = wake if timeout is None else min(timeout, wake)
             ready = multiprocessing.connection.wait(list(waiting), timeout=timeout)
             if not ready:
                 if deadline is not None and time.monotonic() >= deadline:
@@ -187,6 +238,7 @@ class Supervisor:
                     r.process.join()
                     r.outcome.exitcode = r.process.exitcode
                     r.outcome.seen_at = time.monotonic()
+                    self.sampler.ended(self.running.index(r))
                     if not r.outcome.succeeded:
                         return
 
@@ -221,10 +273,11 @@ class Supervisor:
                 if obj is r.conn:
                     self._receive(r)
 
-    def snapshot(self) -> list[JobProgress]:
-        """Every job's state and counters, now."""
+    def snapshot(self) -> Snapshot:
+        """Every job's state, counters and what the sampler saw, now (the jobs not
+        started yet are left out)."""
         now = time.monotonic()
-        jobs = []
+        rows = []
         for index, r in enumerate(self.running):
             if r.process.exitcode is None:
                 state = "running"
@@ -234,10 +287,11 @@ class Supervisor:
                 state = "stopped"
             else:
                 state = "failed"
-            records, bytes_in, bytes_out, backlog = self.board.read(index) if self.board else (0, 0, 0, 0)
+            counters = self.board.read(index) if self.board else (0, 0, 0, 0)
             ended = now if r.process.exitcode is None or not r.outcome.seen_at else r.outcome.seen_at
-            jobs.append(JobProgress(r.job.name, state, records, bytes_in, bytes_out, backlog, ended - self.started_at))
-        return jobs
+            rows.append((state, counters, ended - self.started_at, r.outcome.result, r.outcome.usage))
+        rows += [("starting", (0, 0, 0, 0), 0.0, None, {})] * (len(self.jobs) - len(rows))  # a failed start
+        return self.tracker.snapshot(now, self.started_at, rows)
 
     def _names_alive(self) -> str:
         return ", ".join(r.job.name for r in self.running if r.process.is_alive()) or "none"
