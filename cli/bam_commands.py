@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from .common import (
+    FORCE,
     INPUT,
     Common,
     Tally,
@@ -34,6 +35,7 @@ def shard(
     n: int = typer.Option(16, "-n", "--shards", min=1, help="Number of shards."),
     missing: str = typer.Option("unassigned", "--missing", help="Reads without the tag: unassigned (own file), drop, error."),
     prefix: str = typer.Option("shard", "--prefix", help="Shard file names: PREFIX_000.bam …"),
+    force: bool = FORCE,
     *,
     common: Common,
 ) -> None:
@@ -62,7 +64,7 @@ def shard(
         return numbers
 
     common.run(
-        shard_bam, input, folder, by=by, n=n, missing=missing, prefix=prefix, tally=_per_output,
+        shard_bam, input, folder, by=by, n=n, missing=missing, prefix=prefix, force=force, tally=_per_output,
         key_numbers=key_numbers, output=folder if output is None else None,
     )
 
@@ -84,6 +86,7 @@ def split(
     workers: int = workers_option("Worker processes writing outputs."),
     memory: int = typer.Option(256, "--memory-mb", min=1, help="Record buffers shared by the workers, MB."),
     prefix: str = typer.Option("", "--prefix", help="Prefix of every output file name."),
+    force: bool = FORCE,
     *,
     common: Common,
 ) -> None:
@@ -106,7 +109,8 @@ def split(
     def key_numbers(result: dict[str, Any]) -> dict[str, Any]:
         return {"files": result["files"], "manifest": result.get("manifest")}
 
-    options = dict(by=by, values=barcodes, groups=groups, min_reads=min_reads, memory_budget=memory << 20, prefix=prefix)
+    options = dict(by=by, values=barcodes, groups=groups, min_reads=min_reads, memory_budget=memory << 20, prefix=prefix,
+                   force=force)
     common.run(split_reads, input, folder, workers=workers, **options, tally=tally, key_numbers=key_numbers,
                output=folder if output is None else None)
 

@@ -13,6 +13,7 @@ import functools
 import inspect
 import json
 import os
+import select
 import shlex
 import sys
 import time
@@ -134,6 +135,10 @@ SHARED = (
         help="Progress: auto (live on a terminal, else log lines), live, log, json (an object a line on stderr) or none.",
     ),
     _shared("debug", bool, False, "--debug", help="Show the failing job's traceback on error."),
+    _shared(
+        "timeout", float | None, None, "--timeout", min=0.0, metavar="SECONDS",
+        help="Stop the run (with an error, leaving no output) if it takes longer than SECONDS.",
+    ),
 )
 """The options every command takes, after its own, in this order (see :func:`command`)."""
 
@@ -158,6 +163,11 @@ def input_argument(help: str = "BAM, uncompressed BAM or SAM file; - for stdin."
 def output_option(help: str) -> Any:
     """-o/--output, optional: see :func:`folder_output` and :func:`stream_output` for the defaults."""
     return typer.Option("-o", "--output", help=help)
+
+
+FORCE = typer.Option(
+    False, "--force", help="Replace the outputs of an earlier run in the output folder (never other files)."
+)
 
 
 def workers_option(help: str = "Worker processes.", default: int = 2) -> Any:
@@ -282,6 +292,13 @@ def _counted(result: dict[str, Any]) -> Tally:
     return result["reads_in"], {"counted": result.get("counted", 0)}, result.get("dropped", {})
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it."""
+    poller = select.poll()
+    poller.register(1, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
 def _command_line() -> str:
     return " ".join(shlex.quote(a) for a in ["bamflow", *sys.argv[1:]])
 
@@ -298,6 +315,7 @@ class Common:
     progress: str
     debug: bool
     level: int | str | None = None
+    timeout: float | None = None
     console: Console = field(default_factory=lambda: Console(stderr=True), repr=False)
     _display: ProgressDisplay | None = field(default=None, init=False, repr=False)
 
@@ -324,11 +342,11 @@ class Common:
         ``output`` (where the outputs went, when the user did not say). Failures → one error
         line and exit status 1."""
         params = inspect.signature(api).parameters
-        settings = ("threads", "level", "command_line", "on_progress")
+        settings = ("threads", "level", "command_line", "on_progress", "timeout")
         accepts = {name for name in settings if name in params}
         if not accepts and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             accepts = set(settings)  # a wrapper that passes everything on
-        shared = {"threads": self.threads, "level": self.level, "command_line": _command_line()}
+        shared = {"threads": self.threads, "level": self.level, "command_line": _command_line(), "timeout": self.timeout}
         kwargs.update({key: value for key, value in shared.items() if key in accepts})
         input = os.fspath(args[0])
         total = os.path.getsize(input) if input != "-" and os.path.isfile(input) else None
@@ -345,6 +363,8 @@ class Common:
             if self.stats is not None:
                 _publish_stats(self.stats, result)
         except WorkflowError as e:
+            if "BrokenPipeError" in e.summary and _stdout_reader_gone():
+                raise typer.Exit(141) from None  # `| head` closed the pipe: end quietly, as samtools does
             self._fail(e.summary, str(e))
         except ValueError as e:  # raised before any job ran: the arguments are wrong
             self._fail(str(e), None, status=2)

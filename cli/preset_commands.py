@@ -9,6 +9,7 @@ import typer
 
 from .common import (
     CELL_TAG,
+    FORCE,
     GENE_NAME_TAG,
     GENE_TAG,
     INPUT,
@@ -108,6 +109,7 @@ def qc(
     gene_name_tag: str = GENE_NAME_TAG,
     min_umis: int | None = typer.Option(None, "--min-umis", min=0, help="Call cells with at least N UMIs (default: the knee)."),
     workers: int = workers_option(SHARDED_WORKERS),
+    force: bool = FORCE,
     *,
     common: Common,
 ) -> None:
@@ -130,4 +132,4 @@ def qc(
         found["report"] = summary["outputs"]["report.html"]
         return found
 
-    common.run(run_qc, input, folder, workers=workers, **options, tally=_counted, key_numbers=numbers)
+    common.run(run_qc, input, folder, workers=workers, force=force, **options, tally=_counted, key_numbers=numbers)

@@ -340,3 +340,44 @@ def test_tag_stopped_by_sigterm_leaves_nothing(tmp_path):
     writer.close()
     assert p.returncode != 0
     assert sorted(os.listdir(tmp_path)) == ["r1.fq", "r2.fq", "tmpdir"] or sorted(os.listdir(tmp_path)) == ["r1.fq", "r2.fq"]
+
+
+def test_force_on_the_command_line(tmp_path):
+    src = hostile.good(tmp_path)
+    out = tmp_path / "shards"
+    assert run_isolated(["shard", "-q", "-o", str(out), str(src)], tmp_path)[0] == 0
+    status, lines, _, _ = run_isolated(["shard", "-q", "-n", "2", "-o", str(out), str(src)], tmp_path)
+    assert status == 1 and len(lines) == 1 and "use --force" in lines[0]
+    assert len([n for n in os.listdir(out) if n.startswith("shard_")]) == 16  # untouched
+    status, lines, _, _ = run_isolated(["shard", "-q", "-n", "2", "--force", "-o", str(out), str(src)], tmp_path)
+    assert status == 0, lines
+    assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == [
+        "manifest.tsv", "shard_000.bam", "shard_001.bam", "unassigned.bam"]
+
+
+def test_timeout_on_the_command_line_stops_a_stalled_run(tmp_path):
+    fifo = tmp_path / "never.bam"
+    os.mkfifo(fifo)
+    writer = os.open(fifo, os.O_RDWR)  # a writer that never writes: the reader waits forever
+    try:
+        started = time.monotonic()
+        status, lines, sid, _ = run_isolated(["shard", "-q", "--timeout", "2", "-o", str(tmp_path / "s"), str(fifo)],
+                                             tmp_path)
+    finally:
+        os.close(writer)
+    assert time.monotonic() - started < 30
+    assert status == 1 and len(lines) == 1 and "timed out" in lines[0]
+    assert not (tmp_path / "s").exists()
+    assert processes_in_session(sid) == []
+
+
+def test_a_closed_stdout_ends_quietly(tmp_path):
+    src = hostile.write(tmp_path, "big.bam", hostile.bgzf(hostile.header() + b"".join(hostile.good_records(20000))))
+    (tmp_path / "ident.py").write_text("def keep(read):\n    return read\n")
+    p = subprocess.Popen(["bamflow", "run", "-q", f"{tmp_path / 'ident.py'}:keep", str(src), "-o", "-"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    p.stdout.read(100)  # like `| head -c 100`
+    p.stdout.close()
+    err = p.stderr.read()
+    p.wait(timeout=TIMEOUT)
+    assert p.returncode == 141 and err.strip() == b""

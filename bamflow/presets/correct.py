@@ -163,6 +163,7 @@ def correct(
     threshold: float = 0.975,
     command_line: str | None = None,
     on_progress: Callable[[Any], None] | None = None,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
     """Correct cell barcodes of ``input`` against ``whitelist`` (a path, or a loaded
     :class:`~bamflow.kernels.presets.Whitelist`) and write ``output`` with ``tag_out``.
@@ -182,8 +183,9 @@ def correct(
     wl_seconds = time.perf_counter() - t0
 
     with _rereadable(os.fspath(input), os.fspath(output)) as source:
+        deadline = None if timeout is None else time.monotonic() + timeout
         return _correct(source, output, wl, wl_seconds, whitelist, tags, suffix, threads, workers, level, pseudocount,
-                        threshold, command_line, on_progress)
+                        threshold, command_line, on_progress, deadline)
 
 
 @contextmanager
@@ -205,11 +207,17 @@ def _rereadable(input: str, output: str) -> Iterator[str]:
 
 def _correct(input: str, output: Any, wl: Any, wl_seconds: float, whitelist: Any, tags: tuple[str, ...],
              suffix: str, threads: int, workers: int, level: Any, pseudocount: float, threshold: float,
-             command_line: str | None, on_progress: Any) -> dict[str, Any]:
-    """The two passes of :func:`correct` over a path that can be read twice."""
+             command_line: str | None, on_progress: Any, deadline: float | None) -> dict[str, Any]:
+    """The two passes of :func:`correct` over a path that can be read twice,
+    both done by ``deadline`` (time.monotonic(); None: no limit)."""
+
+    def left() -> float | None:
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
     tag_in = tags[0]
     # pass 1: reads per raw barcode; keep those in the whitelist
-    counts, _ = count_values(input, tag_in, skip_secondary=True, threads=threads, workers=1, name="correct_count")
+    counts, _ = count_values(input, tag_in, skip_secondary=True, threads=threads, workers=1, name="correct_count",
+                             timeout=left())
     exact_counts = {bc: n for bc, n in counts.items() if bc in wl}
     barcodes_seen = len(counts)
     del counts
@@ -255,5 +263,5 @@ def _correct(input: str, output: Any, wl: Any, wl_seconds: float, whitelist: Any
                 f"{flow['collected']} written, {by_outcome} by outcome {totals}"
             )
 
-    w.run(check=check, on_progress=on_progress)
+    w.run(check=check, on_progress=on_progress, timeout=left())
     return stats

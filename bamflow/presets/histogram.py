@@ -62,6 +62,7 @@ def count_values(
     threads: int = 2,
     name: str = "count_values",
     on_progress: Callable[[Any], None] | None = None,
+    timeout: float | None = None,
 ) -> tuple[dict[bytes, int], dict[str, int]]:
     """Count reads per value of ``tag``: (value → reads, stats with COUNT_STATS keys)."""
     tag = parse_tag(tag)
@@ -78,7 +79,7 @@ def count_values(
         jobs.check_flow(w)
         jobs.require_tags(w, [tag])
 
-    w.run(on_progress=on_progress, check=check)
+    w.run(on_progress=on_progress, check=check, timeout=timeout)
     counts: dict[bytes, int] = {}
     stats = dict.fromkeys(COUNT_STATS, 0)
     for result in w.result(jobs.workers):
@@ -119,6 +120,7 @@ def histogram(
     workers: int = 2,
     threads: int = 2,
     on_progress: Callable[[Any], None] | None = None,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
     """Write the number of reads per value of ``tag`` (Drop-seq BamTagHistogram format).
 
@@ -134,7 +136,7 @@ def histogram(
     refuse_overwrite([input], output)
     counts, stats = count_values(
         input, tag, skip_secondary=skip_secondary, skip_duplicates=filter_pcr_duplicates, min_mapq=mq,
-        workers=workers, threads=threads, name="histogram", on_progress=on_progress,
+        workers=workers, threads=threads, name="histogram", on_progress=on_progress, timeout=timeout,
     )
     fields = None
     if header:

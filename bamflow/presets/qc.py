@@ -981,6 +981,7 @@ def qc(
     start_method: str | None = None,
     timeout: float | None = None,
     on_progress: Callable[[Any], None] | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Per-cell QC of a 10x-style BAM in one parallel pass (sharded by cell).
 
@@ -997,7 +998,8 @@ def qc(
     ``knee.png`` (if matplotlib is importable) and ``report.html`` into
     ``out_dir`` (created if needed), all or nothing. Returns the summary (as
     in summary.json). Raises WorkflowError if the reads do not add up
-    (``reads_in != counted + sum(dropped)``) or ``out_dir`` cannot be a folder.
+    (``reads_in != counted + sum(dropped)``) or ``out_dir`` cannot be a folder;
+    a folder holding an earlier run's outputs is refused unless ``force``.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
@@ -1016,8 +1018,9 @@ def qc(
         unassigned_kwargs=dict(umi_tag=umi_tag, gene_tag=gene_tag),
     )
     with Publication() as pub:
-        pub.make_folder(out_dir)  # before the pass: a bad folder fails at once
-        w.run(timeout=timeout, on_progress=on_progress, publication=pub)
+        pub.claim_folder(out_dir, force=force, inputs=[input])  # before the pass: a bad folder fails at once
+        w.run(timeout=timeout, on_progress=on_progress, publication=pub,
+              check=lambda w: jobs.require_tags(w, [umi_tag, gene_tag]))
         summary = _summarize(pub, w, jobs, input, out_dir, method, min_umis, gene_name_tag or gene_tag)
         pub.commit()
     log.info("qc %s → %s: %s cells of %s barcodes", input, out_dir, summary["cells"], summary["barcodes"])

@@ -113,6 +113,7 @@ def tag(
     threads: int = 2,
     level: int | str | None = None,
     command_line: str | None = None,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
     """Write an unaligned BAM from a FASTQ pair (gzip or plain; one of them may be ``-``).
 
@@ -146,6 +147,8 @@ def tag(
                 writer.write(header.to_bytes())
                 out = bytearray()
                 while True:
+                    if timeout is not None and time.perf_counter() - t0 > timeout:
+                        raise WorkflowError(f"tag: timed out after {timeout:g} s")
                     where = f"reading {read1}"
                     b1 = list(itertools.islice(f1, BATCH))
                     where = f"reading {read2}"
