@@ -10,10 +10,12 @@ the builder with the BAM stages (:class:`bamflow.bam.workflow.BamWorkflow`).
 
 from . import parts
 from .bam.api import RunStats, map_reads, map_reduce
+from .bam.batches import map_batches
 from .bam.shard import shard
 from .bam.split import filter_reads, split_reads
 from .bam.workflow import BamWorkflow
 from .engine import FIFO, InputFile, Job, OutputFile, Publication, WorkflowError, merge_counts
+from .kernels.record import Record
 
 Workflow = BamWorkflow
 
@@ -26,10 +28,12 @@ __all__ = [
     "Job",
     "OutputFile",
     "Publication",
+    "Record",
     "Workflow",
     "WorkflowError",
     "RunStats",
     "filter_reads",
+    "map_batches",
     "map_reads",
     "map_reduce",
     "merge_counts",

@@ -153,7 +153,7 @@ def run_one(system: str, inp: str, out: str, stats_path: str | None) -> int:
             .collect_bam(
                 inputs=FIFO("out{n}", "rb", n=2), header_fifo=FIFO("header", "rb"), output=FIFO("out_bam", "wb"), order="input"
             )
-            .BAM_writer(input=FIFO("out_bam", "rb"), output=out, level=level)
+            .BAM_writer(input=FIFO("out_bam", "rb"), output=out, **({"level": level} if level else {}))
             .run()
         )
         stats = {"job_stats": w.job_stats, "records": w.result_dict["w1.collect0"]["records"]}

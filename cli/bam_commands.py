@@ -156,6 +156,9 @@ def run(
     missing: str = typer.Option("error", "--missing", help="Reads without the --by tag: error or drop."),
     chunk_size: int = typer.Option(1000, "--chunk-size", min=1, help="Reads dealt to a worker at a time (without --by)."),
     fmt: str = typer.Option("bam", "--format", help="Output format: bam, ubam (uncompressed) or sam."),
+    record: str = typer.Option(
+        "bamflow", "--record", help="What FUNC gets: bamflow (a bamflow.Record, fast) or pysam (a pysam.AlignedSegment)."
+    ),
     *,
     common: Common,
 ) -> None:
@@ -164,6 +167,8 @@ def run(
 
     if missing not in ("error", "drop"):
         raise typer.BadParameter("must be error or drop", param_hint="--missing")
+    if record not in ("bamflow", "pysam"):
+        raise typer.BadParameter("must be bamflow or pysam", param_hint="--record")
     if fmt not in ("bam", "ubam", "sam"):
         raise typer.BadParameter("must be bam, ubam or sam", param_hint="--format")
     if not (order in ("input", "any", "coordinate") or (order.startswith("tag:") and len(order) == 6)):
@@ -172,7 +177,7 @@ def run(
         order = "any"  # sharding by a key cannot keep the input order
     output = stream_output(output)
     func = _load_function(function)
-    options = dict(by=by, order=order, chunk_size=chunk_size, missing=missing, fmt=fmt)
+    options = dict(by=by, order=order, chunk_size=chunk_size, missing=missing, fmt=fmt, record=record)
 
     def key_numbers(result: dict[str, Any]) -> dict[str, Any]:
         return {"added by the function": result.get("added", 0)} if result.get("added") else {}

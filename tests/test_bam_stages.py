@@ -110,12 +110,16 @@ def test_exactly_one_new_pg_line_chained_to_the_last(tmp_path, fifo_dir):
     assert pgs[-1]["PP"] == "bamflow"
 
 
+RECORDS = pytest.mark.parametrize("record", ["bamflow", "pysam"])
+
+
+@RECORDS
 @pytest.mark.parametrize("order", ["input", "any"])
-def test_map_reads_sets_a_tag(tmp_path, order):
+def test_map_reads_sets_a_tag(tmp_path, order, record):
     src = tmp_path / "in.bam"
     reads = write_bam(src, n=2500)
     out = tmp_path / "out.bam"
-    stats = bf.map_reads(src, tag_with_length, out, workers=3, order=order, chunk_size=50)
+    stats = bf.map_reads(src, tag_with_length, out, workers=3, order=order, chunk_size=50, record=record)
     _, records = read_records(out)
     expected = [r.to_string() + f"\tXL:i:{len(r.query_name)}" for r in reads]
     if order == "input":
@@ -128,27 +132,29 @@ def test_map_reads_sets_a_tag(tmp_path, order):
     assert samtools("quickcheck", str(out)).returncode == 0
 
 
-def test_map_reads_keeps_input_order_when_dropping_and_expanding(tmp_path):
+@RECORDS
+def test_map_reads_keeps_input_order_when_dropping_and_expanding(tmp_path, record):
     src = tmp_path / "in.bam"
     reads = write_bam(src, n=2000)
     dropped_out = tmp_path / "dropped.bam"
-    stats = bf.map_reads(src, drop_odd_numbered, dropped_out, workers=3, chunk_size=13)
+    stats = bf.map_reads(src, drop_odd_numbered, dropped_out, workers=3, chunk_size=13, record=record)
     kept = [r for r in reads if int(r.query_name[-1]) % 2 == 0]
     assert read_records(dropped_out)[1] == [r.to_string() + "\tXK:i:1" for r in kept]
     assert stats.dropped == {"by_function": len(reads) - len(kept)}
     assert stats.written == len(kept)
 
     twice_out = tmp_path / "twice.bam"
-    stats = bf.map_reads(src, emit_twice, twice_out, workers=2, chunk_size=11)
+    stats = bf.map_reads(src, emit_twice, twice_out, workers=2, chunk_size=11, record=record)
     names = [r.split("\t")[0] for r in read_records(twice_out)[1]]
     assert names == [n for r in reads for n in (r.query_name, r.query_name + "_copy")]
     assert (stats.reads_in, stats.added, stats.written) == (len(reads), len(reads), 2 * len(reads))
 
 
-def test_map_reduce_by_cb_is_an_exact_partition(tmp_path):
+@RECORDS
+def test_map_reduce_by_cb_is_an_exact_partition(tmp_path, record):
     src = tmp_path / "in.bam"
     reads = write_bam(src, n=3000, no_cb=0.0)
-    stats = bf.map_reduce(src, names_by_cell, by="CB", workers=4)
+    stats = bf.map_reduce(src, names_by_cell, by="CB", workers=4, record=record)
     per_worker = stats.per_worker
     assert len(per_worker) == 4
     cells_seen = Counter(cb for result in per_worker for cb in result)
@@ -159,25 +165,27 @@ def test_map_reduce_by_cb_is_an_exact_partition(tmp_path):
     assert {cb: sorted(names) for cb, names in stats.result.items()} == {cb: sorted(n) for cb, n in expected.items()}
 
 
-def test_map_reduce_with_output_and_integer_cb(tmp_path):
+@RECORDS
+def test_map_reduce_with_output_and_integer_cb(tmp_path, record):
     """CB stored as an integer tag still shards (by its value) and counts."""
     src = tmp_path / "in.bam"
     reads = write_bam(src, n=1500, no_cb=0.0, int_cb=True)
     out = tmp_path / "out.bam"
-    stats = bf.map_reduce(src, count_and_copy, output=out, by="CB", workers=3)
+    stats = bf.map_reduce(src, count_and_copy, output=out, by="CB", workers=3, record=record)
     assert stats.result == dict(Counter(r.get_tag("CB") for r in reads))
     assert Counter(read_records(out)[1]) == Counter(r.to_string() for r in reads)
     cells_seen = Counter(cb for result in stats.per_worker for cb in result)
     assert set(cells_seen.values()) == {1}
 
 
-def test_reads_without_the_key(tmp_path):
+@RECORDS
+def test_reads_without_the_key(tmp_path, record):
     src = tmp_path / "in.bam"
     reads = write_bam(src, n=1000, no_cb=0.1)
     no_cb = [r for r in reads if not r.has_tag("CB")]
     assert no_cb
     out = tmp_path / "out.bam"
-    stats = bf.map_reads(src, tag_with_length, out, by="CB", order="any", missing="drop")
+    stats = bf.map_reads(src, tag_with_length, out, by="CB", order="any", missing="drop", record=record)
     assert stats.dropped == {"missing_tag": len(no_cb)}
     assert stats.written == len(reads) - len(no_cb)
     with pytest.raises(WorkflowError) as info:
@@ -187,12 +195,13 @@ def test_reads_without_the_key(tmp_path):
     assert not (tmp_path / "err.bam").exists()
 
 
+@RECORDS
 @pytest.mark.parametrize("mode", ["w", "wbu"])
-def test_sam_and_uncompressed_bam_inputs(tmp_path, mode):
+def test_sam_and_uncompressed_bam_inputs(tmp_path, mode, record):
     src = tmp_path / ("in.sam" if mode == "w" else "in.ubam")
     reads = write_bam(src, n=700, mode=mode)
     out = tmp_path / "out.bam"
-    bf.map_reads(src, tag_with_length, out, workers=2)
+    bf.map_reads(src, tag_with_length, out, workers=2, record=record)
     assert read_records(out)[1] == [r.to_string() + f"\tXL:i:{len(r.query_name)}" for r in reads]
 
 
@@ -263,11 +272,12 @@ def test_empty_file(tmp_path):
     assert "empty file" in run_bad(tmp_path, src)
 
 
-def test_header_only_bam_gives_header_only_output(tmp_path):
+@RECORDS
+def test_header_only_bam_gives_header_only_output(tmp_path, record):
     src = tmp_path / "in.bam"
     write_bam(src, n=0)
     out = tmp_path / "out.bam"
-    stats = bf.map_reads(src, tag_with_length, out, workers=2)
+    stats = bf.map_reads(src, tag_with_length, out, workers=2, record=record)
     assert (stats.reads_in, stats.written) == (0, 0)
     header, records = read_records(out)
     assert records == [] and without_bamflow_pg(header) == read_records(src)[0]
@@ -313,10 +323,12 @@ def test_pg_chains_to_the_end_of_the_chain_not_the_last_line():
     assert "ID:bamflow" in new and "PP:c" in new
 
 
-def test_map_reduce_notices_a_function_that_stops_early(tmp_path):
+@RECORDS
+def test_map_reduce_notices_a_function_that_stops_early(tmp_path, record):
     from jobfuncs import first_ten_reads
 
     src = tmp_path / "in.bam"
     write_bam(src, n=300)
-    with pytest.raises(WorkflowError, match="reads do not add up between stages: 300 reads dealt to the workers, 10 read by them"):
-        bf.map_reduce(src, first_ten_reads, workers=1, timeout=60)
+    expected = "reads do not add up between stages: 300 reads dealt to the workers, 10 read by them"
+    with pytest.raises(WorkflowError, match=expected):
+        bf.map_reduce(src, first_ten_reads, workers=1, timeout=60, record=record)

@@ -2,14 +2,20 @@
 
 ``map_reads`` runs ``func(read) -> read | None | reads`` over every read of a
 BAM in N worker processes and writes the results; ``map_reduce`` hands each
-worker its whole share of reads and combines what the workers return.
-Both are :meth:`~bamflow.bam.workflow.BamWorkflow.scatter` workflows::
+worker its whole share of reads and combines what the workers return
+(``map_batches``, in :mod:`bamflow.bam.batches`, hands them column batches).
+All are :meth:`~bamflow.bam.workflow.BamWorkflow.scatter` workflows::
 
     decode ─▶ distribute ─▶ worker × N ─▶ collect ─▶ encode ─▶ output.bam
                   └──────────── header ─────────▲
 
 and check the books before the output appears: every read that came in was
 written or dropped for a stated reason, or the run fails.
+
+A read is a :class:`bamflow.Record` (``record="bamflow"``, the default: a
+view of the raw record in the worker's buffer, with pysam's names; a Cython
+loop reads, calls and writes) or a ``pysam.AlignedSegment``
+(``record="pysam"``: pysam reads the worker's share; RawWriter writes).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any
 
 from ..engine import progress
 from ..engine.errors import WorkflowError
+from ..engine.files import open_for_reading, open_for_writing
 from ..engine.workflow import merge_counts
 from .header import command_line as _process_command_line
 from .options import CollectOptions, DecodeOptions, DistributeOptions, EncodeOptions
@@ -30,6 +37,9 @@ from .stages import ChunkFramer, raw_writer
 from .workflow import BamWorkflow
 
 log = logging.getLogger("bamflow")
+
+#: what a worker hands to the user's function: bamflow.Record or pysam.AlignedSegment
+RECORD_KINDS = ("bamflow", "pysam")
 
 
 @dataclass
@@ -75,7 +85,7 @@ def map_worker(input: str, output: str, user_func: Callable[[Any], Any], chunk_s
     slot = progress.current().slot
     with pysam.AlignmentFile(input, "rb", check_sq=False) as reads:
         out = raw_writer(output, reads.header)
-        try:
+        with _close_on_success(out):
             framer = ChunkFramer(out, chunk_size)
             write = out.write
             for read in reads:
@@ -95,8 +105,6 @@ def map_worker(input: str, output: str, user_func: Callable[[Any], Any], chunk_s
                 dropped += n == 0
                 added += max(0, n - 1)
                 framer.read_done()
-        finally:
-            out.close()
     slot[0] = reads_in
     return {"reads_in": reads_in, "written": written, "dropped_by_function": dropped, "added": added}
 
@@ -124,13 +132,84 @@ def reduce_worker(input: str, output: str | None, user_func: Callable[..., Any])
             result = user_func(counted(reads), None)
         else:
             out = raw_writer(output, reads.header)
-            try:
+            with _close_on_success(out):
                 result = user_func(counted(reads), out)
-            finally:
-                out.close()
             written = out.records
     slot[0] = seen
     return {"result": result, "reads_in": seen, "written": written}
+
+
+def map_record_worker(input: str, output: str, user_func: Callable[[Any], Any]) -> dict[str, int]:
+    """A worker of :func:`map_reads` with ``record="bamflow"``: the kernel
+    (:class:`bamflow.kernels.record.MapRecords`) reads the share, hands each
+    record to ``user_func`` as a :class:`bamflow.Record` and writes what it
+    returns; chunk-end frames pass through (input order)."""
+    from ..kernels.record import MapRecords
+
+    with _worker_fds(input, output) as (in_fd, out_fd):
+        result = MapRecords(in_fd, out_fd, user_func, progress=progress.current().slot).run()
+    return {key: result[key] for key in ("reads_in", "written", "dropped_by_function", "added")}
+
+
+def reduce_record_worker(input: str, output: str | None, user_func: Callable[..., Any]) -> dict[str, Any]:
+    """A worker of :func:`map_reduce` with ``record="bamflow"``: ``user_func(reads,
+    out)`` iterates :class:`bamflow.Record` views (``out.write(read)`` takes
+    Records and pysam reads); the reads handed out are counted, for the books."""
+    from ..kernels.record import RecordIterator, RecordWriter
+
+    with _worker_fds(input, output) as (in_fd, out_fd):
+        reads = RecordIterator(in_fd, progress=progress.current().slot)
+        out = None if out_fd is None else RecordWriter(os.dup(out_fd), reads.header.raw)
+        with _close_on_success(out):
+            result = user_func(reads, out)
+    return {"result": result, "reads_in": reads.count, "written": None if out is None else out.records}
+
+
+class _close_on_success:
+    """Close ``writer`` (if not None) when the block succeeds. On failure it
+    stays open until the job process ends: the engine notes when the job
+    failed before its outputs close, so that a downstream job's "stream
+    ended early" comes after the cause and is not taken for it."""
+
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer
+
+    def __enter__(self) -> Any:
+        return self.writer
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None and self.writer is not None:
+            self.writer.close()
+
+
+class _worker_fds:
+    """The descriptors of a worker's input and output (None without output),
+    closed at the end of a successful block (see :class:`_close_on_success`)."""
+
+    def __init__(self, input: str, output: str | None) -> None:
+        self.input = input
+        self.output = output
+        self.fds: list[int] = []
+
+    def __enter__(self) -> tuple[int, int | None]:
+        in_fd = open_for_reading(self.input)
+        self.fds.append(in_fd)
+        out_fd = None
+        if self.output is not None:
+            out_fd = open_for_writing(self.output)
+            self.fds.append(out_fd)
+        return in_fd, out_fd
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            for fd in self.fds:
+                os.close(fd)
+
+
+def _check_record(record: str) -> str:
+    if record not in RECORD_KINDS:
+        raise ValueError(f"record must be one of {', '.join(RECORD_KINDS)}, not {record!r}")
+    return record
 
 
 def map_reads(
@@ -150,11 +229,15 @@ def map_reads(
     start_method: str | None = None,
     timeout: float | None = None,
     on_progress: Callable[[Any], None] | None = None,
+    record: str = "bamflow",
 ) -> RunStats:
     """Run ``func`` on every read of ``input`` in ``workers`` processes; write ``output``.
 
-    ``func(read: pysam.AlignedSegment)`` returns the read (changed or not),
-    ``None`` to drop it, or an iterable of reads. ``by`` sends all reads with
+    ``func(read)`` returns the read (changed or not), ``None`` to drop it, or
+    an iterable of reads. ``record``: what ``read`` is, a
+    :class:`bamflow.Record` (``"bamflow"``, the default: pysam's names, no
+    copy until an edit changes a length) or a ``pysam.AlignedSegment``
+    (``"pysam"``); either kind may return both kinds. ``by`` sends all reads with
     the same tag value(s) (``"CB"``, ``"CB,UB"``) or read name (``"name"``)
     to the same worker; ``None`` deals reads round-robin in chunks of
     ``chunk_size``. ``order``: ``"input"`` keeps the input order (needs
@@ -168,19 +251,34 @@ def map_reads(
         raise ValueError(f"missing must be 'error' or 'drop', not {missing!r}")
     if order == "input" and by is not None:
         raise ValueError("order='input' needs reads dealt round-robin (by=None); sharding by a key reorders them")
-    distribute = DistributeOptions(by=by, chunk_size=chunk_size, missing=missing)
+    if _check_record(record) == "bamflow":  # the kernel passes the distributor's chunk-end frames on
+        worker: Callable[..., Any] = map_record_worker
+        worker_kwargs: dict[str, Any] = {"user_func": func}
+        distribute = DistributeOptions(by=by, chunk_size=chunk_size, missing=missing, frame_chunks=order == "input")
+    else:  # pysam cannot see frames: the worker counts reads and frames every chunk
+        worker = map_worker
+        worker_kwargs = {"user_func": func, "chunk_size": chunk_size if order == "input" else None}
+        distribute = DistributeOptions(by=by, chunk_size=chunk_size, missing=missing)
     w = BamWorkflow("map_reads", start_method=start_method)
     jobs = w.scatter(
         os.fspath(input),
-        map_worker,
+        worker,
         workers=workers,
         distribute=distribute,
-        worker_kwargs={"user_func": func, "chunk_size": chunk_size if order == "input" else None},
+        worker_kwargs=worker_kwargs,
         decode=DecodeOptions(threads),
         output=os.fspath(output),
         collect=CollectOptions(order),
         encode=_encode_options(level, threads, fmt, command_line),
     )
+    return run_mapped(w, jobs, input, output, timeout, on_progress)
+
+
+def run_mapped(w: BamWorkflow, jobs: Any, input: str | os.PathLike[str], output: str | os.PathLike[str],
+               timeout: float | None, on_progress: Callable[[Any], None] | None) -> RunStats:
+    """Run a workflow whose workers map reads one to many (map_reads,
+    map_batches: each worker returns reads_in, written, dropped_by_function,
+    added) and check its books before the output appears."""
     stats = RunStats()
 
     def check(w: BamWorkflow) -> None:
@@ -201,7 +299,7 @@ def map_reads(
         stats.check()
 
     w.run(timeout=timeout, on_progress=on_progress, check=check)
-    log.info("map_reads %s → %s: %s", input, output, stats.as_dict())
+    log.info("%s %s → %s: %s", w.name, input, output, stats.as_dict())
     return stats
 
 
@@ -222,9 +320,11 @@ def map_reduce(
     start_method: str | None = None,
     timeout: float | None = None,
     on_progress: Callable[[Any], None] | None = None,
+    record: str = "bamflow",
 ) -> RunStats:
     """Give each of ``workers`` processes its share of the reads: ``func(reads, out)``
-    iterates ``reads`` (pysam.AlignedSegment objects) and may write reads with
+    iterates ``reads`` (:class:`bamflow.Record` objects, or with
+    ``record="pysam"`` pysam.AlignedSegment objects) and may write reads with
     ``out.write(read)`` (``out`` is None without ``output``); what the workers
     return is folded with ``combine`` (default: add numbers, merge counters)
     into ``RunStats.result``. With ``by="CB"`` all reads of a cell meet in one
@@ -235,7 +335,7 @@ def map_reduce(
     w = BamWorkflow("map_reduce", start_method=start_method)
     jobs = w.scatter(
         os.fspath(input),
-        reduce_worker,
+        reduce_record_worker if _check_record(record) == "bamflow" else reduce_worker,
         workers=workers,
         distribute=DistributeOptions(by=by, chunk_size=chunk_size, missing=missing),
         worker_kwargs={"user_func": func},

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
-from typing import BinaryIO, Literal
+from typing import Any, BinaryIO, Literal
 
 import deflate
 import isal.isal_zlib
@@ -34,12 +34,14 @@ from ..kernels._bgzf import BgzfError, check_end, inflate_block, scan_block
 __all__ = [
     "BLOCK_SIZE",
     "DEFAULT_LEVEL",
+    "DEFAULT_LEVEL_ZLIB_NG",
     "EOF_BLOCK",
     "FAST_LEVEL",
     "MAX_BLOCK_SIZE",
     "BgzfError",
     "BgzfReader",
     "BgzfWriter",
+    "codec_of",
     "compress_block",
     "detect_format",
     "is_bgzf",
@@ -52,8 +54,13 @@ BLOCK_SIZE = 0xFF00
 MAX_BLOCK_SIZE = 0x10000
 #: libdeflate level whose output is within 1.5% of ``samtools view -b``'s default
 #: (measured: docs/bgzf.md); samtools itself uses libdeflate level 7 equivalent.
+#: With backend "auto" and the zlib-ng package installed, this level is
+#: compressed by zlib-ng level 5 instead (:data:`DEFAULT_LEVEL_ZLIB_NG`).
 DEFAULT_LEVEL = 6
-#: ISA-L level 1: ~5x faster than DEFAULT_LEVEL, ~15% larger output.
+#: zlib-ng's level that stands in for libdeflate's DEFAULT_LEVEL: on 10x-style
+#: BAM records within 0.6% of its size at 0.84x its CPU time (docs/bgzf.md).
+DEFAULT_LEVEL_ZLIB_NG = 5
+#: ISA-L level 1: ~5x faster than DEFAULT_LEVEL, ~15-20% larger output.
 FAST_LEVEL: Literal["fast"] = "fast"
 
 _HEADER = struct.Struct("<4BI2BH")  # ID1 ID2 CM FLG MTIME XFL OS XLEN: the fixed 12 bytes
@@ -65,7 +72,7 @@ _OVERHEAD = _HEADER_LEN + _FOOTER.size  # 26
 EOF_BLOCK = _BGZF_HEADER + b"\x1b\x00\x03\x00" + b"\x00" * 8
 
 Level = int | str  # an int, or FAST_LEVEL
-Backend = Literal["auto", "libdeflate", "isal"]
+Backend = Literal["auto", "libdeflate", "isal", "zlib-ng"]
 Source = int | str | os.PathLike[str] | BinaryIO
 
 
@@ -73,10 +80,10 @@ Source = int | str | os.PathLike[str] | BinaryIO
 
 
 def check_level(level: Level, backend: Backend = "auto") -> Level:
-    """``level`` if ``backend`` has it (libdeflate 0-12, ISA-L 0-3, or
-    :data:`FAST_LEVEL`); else ValueError."""
+    """``level`` if ``backend`` has it (libdeflate 0-12, ISA-L 0-3, zlib-ng
+    0-9, or :data:`FAST_LEVEL`); else ValueError."""
     if level == FAST_LEVEL:
-        if backend == "libdeflate":
+        if backend in ("libdeflate", "zlib-ng"):
             raise ValueError("level 'fast' is ISA-L level 1; it needs backend 'auto' or 'isal'")
         return level
     if not isinstance(level, int) or isinstance(level, bool):
@@ -85,22 +92,64 @@ def check_level(level: Level, backend: Backend = "auto") -> Level:
         if not 0 <= level <= 3:
             raise ValueError(f"ISA-L levels are 0-3, not {level}")
         return level
+    if backend == "zlib-ng":
+        if _zlib_ng() is None:
+            raise ValueError("backend 'zlib-ng' needs the zlib-ng package (pip install zlib-ng)")
+        if not 0 <= level <= 9:
+            raise ValueError(f"zlib-ng levels are 0-9, not {level}")
+        return level
     if backend not in ("auto", "libdeflate"):
-        raise ValueError(f"backend must be 'auto', 'libdeflate' or 'isal', not {backend!r}")
+        raise ValueError(f"backend must be 'auto', 'libdeflate', 'isal' or 'zlib-ng', not {backend!r}")
     if not 0 <= level <= 12:
         raise ValueError(f"libdeflate levels are 0-12 (0: stored, no compression), not {level}")
     return level
 
 
-def _compressor(level: Level, backend: Backend) -> Callable[[bytes], bytes | bytearray]:
-    """Return a function: uncompressed bytes -> raw deflate data, for ``level``/``backend``."""
+def _zlib_ng() -> object | None:
+    """zlib-ng's zlib module, or None if the zlib-ng package is not installed."""
+    try:
+        from zlib_ng import zlib_ng
+    except ImportError:
+        return None
+    return zlib_ng
+
+
+def _zlib_ng_compressor(level: int) -> Callable[[bytes], bytes]:
+    zlib_ng: Any = _zlib_ng()
+    deflated = zlib_ng.DEFLATED
+
+    def compress(data: bytes) -> bytes:
+        # a compressobj, not zlib_ng.compress(), which holds the GIL while it works
+        packer = zlib_ng.compressobj(level, deflated, -15)
+        return packer.compress(data) + packer.flush()
+
+    return compress
+
+
+def codec_of(level: Level, backend: Backend = "auto") -> tuple[str, int]:
+    """(library, its level) that compresses ``level`` with ``backend``: FAST_LEVEL
+    is ISA-L 1; with "auto", DEFAULT_LEVEL is zlib-ng's DEFAULT_LEVEL_ZLIB_NG
+    when the zlib-ng package is installed (the same size within 1%, faster)
+    and libdeflate's level otherwise; other ints are libdeflate levels."""
     check_level(level, backend)
     if level == FAST_LEVEL:
-        return lambda data: isal.isal_zlib.compress(data, 1, wbits=-15)
+        return "isal", 1
     assert isinstance(level, int)
-    if backend == "isal":
-        return lambda data: isal.isal_zlib.compress(data, level, wbits=-15)
-    return lambda data: deflate.deflate_compress(data, level)
+    if backend == "auto":
+        if level == DEFAULT_LEVEL and _zlib_ng() is not None:
+            return "zlib-ng", DEFAULT_LEVEL_ZLIB_NG
+        return "libdeflate", level
+    return backend, level
+
+
+def _compressor(level: Level, backend: Backend) -> Callable[[bytes], bytes | bytearray]:
+    """Return a function: uncompressed bytes -> raw deflate data, for ``level``/``backend``."""
+    library, library_level = codec_of(level, backend)
+    if library == "isal":
+        return lambda data: isal.isal_zlib.compress(data, library_level, wbits=-15)
+    if library == "zlib-ng":
+        return _zlib_ng_compressor(library_level)
+    return lambda data: deflate.deflate_compress(data, library_level)
 
 
 def _stored(data: bytes) -> bytes:
@@ -154,7 +203,9 @@ class BgzfWriter:
     file object; ``close_output`` (default: only if it is a path) says whether
     :meth:`close` closes it. ``level`` is a libdeflate level 0-12 (0 stores the
     data uncompressed) or ``"fast"`` (ISA-L level 1); ``backend="isal"`` makes an
-    int level an ISA-L level 0-3. ``threads`` compressing threads (0: compress in
+    int level an ISA-L level 0-3, ``backend="zlib-ng"`` a zlib-ng level 0-9.
+    With ``backend="auto"``, :data:`DEFAULT_LEVEL` is compressed by zlib-ng
+    level 5 when zlib-ng is installed (:func:`codec_of`). ``threads`` compressing threads (0: compress in
     the calling thread) work on at most ``4 * threads`` blocks at a time, so
     memory stays bounded and a slow reader of the output slows the writer down.
 

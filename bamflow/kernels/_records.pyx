@@ -174,13 +174,20 @@ cdef const uint8_t *_aux_walk(const uint8_t *p, const uint8_t *end, const uint16
 
 
 cdef const uint8_t *find_tag(const Rec *r, uint16_t code) noexcept nogil:
-    """The type byte of tag ``code`` in a checked record, or NULL."""
+    """The type byte of tag ``code`` in a checked record, or NULL (sizes as in _aux_walk)."""
     cdef const uint8_t *p = r.data + r.aux
     cdef const uint8_t *end = r.data + r.size
+    cdef signed char fixed
     while p < end:
         if tag_code(p) == code:
             return p + 2
-        p += 3 + aux_value_size(p + 2, end)
+        fixed = AUX_FIXED[p[2]]
+        if fixed > 0:
+            p += 3 + fixed
+        elif p[2] == b'Z' or p[2] == b'H':
+            p = <const uint8_t *> memchr(p + 3, 0, end - (p + 3)) + 1
+        else:
+            p += 3 + aux_value_size(p + 2, end)
     return NULL
 
 
