@@ -12,13 +12,18 @@ from typing import Annotated, Any
 import typer
 
 from .common import (
+    BUCKETS,
+    CLUSTER,
     FORCE,
     INPUT,
+    PARTITIONS,
+    SCRATCH,
     Common,
     Tally,
     _existing_file,
     _per_output,
     _written_to,
+    cluster_options,
     command,
     folder_output,
     output_option,
@@ -36,6 +41,10 @@ def shard(
     missing: str = typer.Option("unassigned", "--missing", help="Reads without the tag: unassigned (own file), drop, error."),
     prefix: str = typer.Option("shard", "--prefix", help="Shard file names: PREFIX_000.bam …"),
     force: bool = FORCE,
+    cluster: str | None = CLUSTER,
+    partitions: int | None = PARTITIONS,
+    buckets: int | None = BUCKETS,
+    scratch: Path | None = SCRATCH,
     *,
     common: Common,
 ) -> None:
@@ -65,6 +74,7 @@ def shard(
 
     common.run(
         shard_bam, input, folder, by=by, n=n, missing=missing, prefix=prefix, force=force, tally=_per_output,
+        **cluster_options(cluster, partitions, buckets, scratch),
         key_numbers=key_numbers, output=folder if output is None else None,
     )
 
@@ -87,6 +97,10 @@ def split(
     memory: int = typer.Option(256, "--memory-mb", min=1, help="Record buffers shared by the workers, MB."),
     prefix: str = typer.Option("", "--prefix", help="Prefix of every output file name."),
     force: bool = FORCE,
+    cluster: str | None = CLUSTER,
+    partitions: int | None = PARTITIONS,
+    buckets: int | None = BUCKETS,
+    scratch: Path | None = SCRATCH,
     *,
     common: Common,
 ) -> None:
@@ -110,7 +124,7 @@ def split(
         return {"files": result["files"], "manifest": result.get("manifest")}
 
     options = dict(by=by, values=barcodes, groups=groups, min_reads=min_reads, memory_budget=memory << 20, prefix=prefix,
-                   force=force)
+                   force=force, **cluster_options(cluster, partitions, buckets, scratch))
     common.run(split_reads, input, folder, workers=workers, **options, tally=tally, key_numbers=key_numbers,
                output=folder if output is None else None)
 

@@ -28,7 +28,7 @@ from rich.console import Console
 from bamflow import WorkflowError, __version__
 from bamflow.engine.publish import Publication, is_special
 
-from .display import ProgressDisplay, print_final, quiet_line, stage_dicts, summary_table, summary_title
+from .display import ClusterDisplay, ProgressDisplay, print_final, quiet_line, stage_dicts, summary_table, summary_title
 
 EXAMPLES = """
 Examples (a folder named after the input when there is no -o: in.shards/, in.cells/, in.qc/):
@@ -163,6 +163,26 @@ def input_argument(help: str = "BAM, uncompressed BAM or SAM file; - for stdin."
 def output_option(help: str) -> Any:
     """-o/--output, optional: see :func:`folder_output` and :func:`stream_output` for the defaults."""
     return typer.Option("-o", "--output", help=help)
+
+
+CLUSTER = typer.Option(
+    None, "--cluster", metavar="SPEC",
+    help="Run on a Dask cluster: local:N, tcp://HOST:PORT, or slurm|pbs|sge|lsf:jobs=N,cores=C,memory=M[,queue=Q,…] "
+    "(docs/distributed.md).",
+)
+PARTITIONS = typer.Option(None, "--partitions", min=1, help="With --cluster: map tasks (default: the cluster's slots).")
+BUCKETS = typer.Option(None, "--buckets", min=1, help="With --cluster: reduce tasks, cells hashed over them.")
+SCRATCH = typer.Option(None, "--scratch", help="With --cluster: a folder every worker shares (default: beside the output).")
+
+
+def cluster_options(cluster: str | None, partitions: int | None, buckets: int | None, scratch: Path | None) -> dict[str, Any]:
+    """The arguments of a run on a cluster ({} without --cluster; the others need it)."""
+    if cluster is None:
+        if partitions is not None or buckets is not None or scratch is not None:
+            raise typer.BadParameter("--partitions, --buckets and --scratch go with --cluster", param_hint="--cluster")
+        return {}
+    found = {"cluster": cluster, "partitions": partitions, "buckets": buckets, "scratch": scratch}
+    return {k: (os.fspath(v) if isinstance(v, Path) else v) for k, v in found.items() if v is not None}
 
 
 FORCE = typer.Option(
@@ -317,7 +337,7 @@ class Common:
     level: int | str | None = None
     timeout: float | None = None
     console: Console = field(default_factory=lambda: Console(stderr=True), repr=False)
-    _display: ProgressDisplay | None = field(default=None, init=False, repr=False)
+    _display: ProgressDisplay | ClusterDisplay | None = field(default=None, init=False, repr=False)
 
     def mode(self) -> str:
         if self.progress != "auto":
@@ -351,7 +371,14 @@ class Common:
         input = os.fspath(args[0])
         total = os.path.getsize(input) if input != "-" and os.path.isfile(input) else None
         started = time.monotonic()
-        display = ProgressDisplay(self.console, self.mode(), total, f"bamflow {self.name}")
+        display: Any
+        if kwargs.get("cluster") is not None:  # the same command as Dask tasks (bamflow.distributed)
+            from bamflow import distributed
+
+            api = getattr(distributed, api.__name__)
+            display = ClusterDisplay(self.console, self.mode(), f"bamflow {self.name}")
+        else:
+            display = ProgressDisplay(self.console, self.mode(), total, f"bamflow {self.name}")
         self._display = display
         try:
             with display:

@@ -611,6 +611,94 @@ class ProgressDisplay:
         self.console.file.flush()
 
 
+# -- a run on a Dask cluster ------------------------------------------------------------------
+
+
+class ClusterDisplay:
+    """``on_progress`` of a run on a Dask cluster (a
+    :class:`bamflow.distributed.ClusterProgress`): per phase the tasks done,
+    running and failed; per Dask worker its throughput. Modes as
+    :class:`ProgressDisplay`."""
+
+    board = None  # (no stages of one machine to summarise)
+
+    def __init__(self, console: Console, mode: str, title: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.console = console
+        self.mode = mode
+        self.title = title
+        self.clock = clock
+        self._last_line = clock()
+        self._live: Live | None = None
+        self._latest: Any = None
+
+    def __enter__(self) -> ClusterDisplay:
+        if self.mode == "live":
+            self._live = Live(console=self.console, auto_refresh=False, transient=False, vertical_overflow="crop")
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            if self._latest is not None:
+                self._live.update(self.render(self._latest), refresh=True)
+            self._live.__exit__(None, None, None)
+            self._live = None
+        elif self.mode == "json" and self._latest is not None:  # the last state, however short the run
+            self.console.file.write(json.dumps(self.progress_object(self._latest), default=str) + "\n")
+            self.console.file.flush()
+
+    def __call__(self, progress: Any) -> None:
+        self._latest = progress
+        now = self.clock()
+        if self._live is not None:
+            self._live.update(self.render(progress), refresh=True)
+        elif self.mode == "log" and now - self._last_line >= LOG_EVERY:
+            self._last_line = now
+            self.console.print(self.line(progress), highlight=False, soft_wrap=True, markup=False)
+        elif self.mode == "json" and now - self._last_line >= JSON_EVERY:
+            self._last_line = now
+            self.console.file.write(json.dumps(self.progress_object(progress), default=str) + "\n")
+            self.console.file.flush()
+
+    def line(self, progress: Any) -> str:
+        """One short log line: the phase running, its tasks, the workers' rate."""
+        phase = next((p for p in progress.phases if p.name == progress.phase), None)
+        tasks = "" if phase is None else f" {phase.done}/{phase.total} tasks done, {phase.running} running, {phase.failed} failed"
+        rate = sum(w.records_per_second for w in progress.workers)
+        return textwrap.shorten(f"{self.title} [{progress.elapsed:.0f} s] {progress.phase}:{tasks}; "
+                                f"{len(progress.workers)} workers, {human(rate)} records/s", LOG_WIDTH)
+
+    def render(self, progress: Any) -> RenderableType:
+        phases = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        for column in ("phase", "state", "done", "running", "failed", "waiting", "records", "s"):
+            phases.add_column(column, justify="left" if column in ("phase", "state") else "right")
+        for p in progress.phases:
+            phases.add_row(p.name, p.state, str(p.done), str(p.running), str(p.failed), str(p.waiting),
+                           human(p.records), f"{p.seconds:.0f}")
+        workers = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        for column in ("worker", "running", "done", "records", "records/s"):
+            workers.add_column(column, justify="left" if column == "worker" else "right")
+        for w in progress.workers:
+            workers.add_row(f"{w.host} {w.worker.rsplit(':', 1)[-1]}", str(w.running), str(w.done), human(w.records),
+                            human(w.records_per_second))
+        head = Text(f"{self.title} on a cluster: {progress.phase}, {progress.elapsed:.0f} s"
+                    + (f" — dashboard {progress.dashboard}" if progress.dashboard else ""), style="bold")
+        return Group(head, phases, workers)
+
+    def progress_object(self, progress: Any) -> dict[str, Any]:
+        return {
+            "event": "progress",
+            "command": self.title,
+            "elapsed": round(progress.elapsed, 3),
+            "phase": progress.phase,
+            "phases": [{"name": p.name, "state": p.state, "total": p.total, "done": p.done, "running": p.running,
+                        "failed": p.failed, "records": p.records} for p in progress.phases],
+            "workers": [{"worker": w.worker, "host": w.host, "running": w.running, "done": w.done,
+                         "records": w.records, "records_per_second": round(w.records_per_second, 1)}
+                        for w in progress.workers],
+        }
+
+
 # -- after the run --------------------------------------------------------------------------
 
 

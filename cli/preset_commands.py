@@ -8,12 +8,16 @@ from typing import Annotated, Any
 import typer
 
 from .common import (
+    BUCKETS,
     CELL_TAG,
+    CLUSTER,
     FORCE,
     GENE_NAME_TAG,
     GENE_TAG,
     INPUT,
     METHOD,
+    PARTITIONS,
+    SCRATCH,
     SHARDED_WORKERS,
     TAGGED_INPUT,
     UMI_TAG,
@@ -21,6 +25,7 @@ from .common import (
     _counted,
     _existing_file,
     _written_to,
+    cluster_options,
     command,
     folder_output,
     input_argument,
@@ -59,6 +64,10 @@ def correct(
         ..., "--whitelist", callback=_existing_file, help="Barcode whitelist, one per line (gzip ok)."
     ),
     workers: int = workers_option(),
+    cluster: str | None = CLUSTER,
+    partitions: int | None = PARTITIONS,
+    buckets: int | None = BUCKETS,
+    scratch: Path | None = SCRATCH,
     *,
     common: Common,
 ) -> None:
@@ -72,6 +81,7 @@ def correct(
         return {key: result[key] for key in keys if key in result}
 
     common.run(correct_barcodes, input, output, whitelist=whitelist, workers=workers, tally=_written_to(output),
+               **cluster_options(cluster, partitions, buckets, scratch),
                key_numbers=key_numbers)
 
 

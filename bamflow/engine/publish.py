@@ -192,7 +192,7 @@ class Publication:
         binary = "b" in mode
         if final.endswith(".gz"):
             raw = open(temp, "wb")
-            zipped = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0)
+            zipped = gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0)  # no temp name in the header
             stream: IO[Any] = zipped if binary else io.TextIOWrapper(zipped, encoding="utf-8", newline="\n", **kwargs)
             try:
                 yield stream
