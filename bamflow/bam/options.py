@@ -138,7 +138,10 @@ class EncodeOptions(StageOptions):
     ``command_line`` (None: how this process was started); ``sort_order``
     (None: the input's) replaces @HD SO when the records are no longer in the
     input's order; ``end_marker=False`` leaves the BGZF EOF marker to the
-    workflow, which writes it only when the whole run succeeded."""
+    workflow, which writes it only when the whole run succeeded;
+    ``program=False`` keeps the header exactly as it is (no @PG line: for
+    writing again what a bamflow run already wrote, such as the parts of a
+    distributed run)."""
 
     level: int | str = DEFAULT_LEVEL
     threads: int = 2
@@ -146,6 +149,7 @@ class EncodeOptions(StageOptions):
     command_line: str | None = None
     sort_order: str | None = None
     end_marker: bool = True
+    program: bool = True
 
     def __post_init__(self) -> None:
         check_level(self.level)

@@ -180,7 +180,8 @@ def encode_bam(input: Any, output: Any, options: EncodeOptions = EncodeOptions()
         in_fd = fd_of(input, False, stack)
         chunks = RecordChunks(in_fd, "collected stream: ", progress.current().slot)
         header, _ = BamHeader.from_bytes(chunks.header(), "collected stream")
-        header = header.with_program(options.command_line if options.command_line is not None else process_command_line())
+        if options.program:
+            header = header.with_program(options.command_line if options.command_line is not None else process_command_line())
         if options.sort_order is not None:
             header = header.with_sort_order(options.sort_order)
         out_fd = fd_of(output, True, stack)

@@ -11,16 +11,12 @@ gets that one block recompressed.
 
 from __future__ import annotations
 
-import io
 import os
 from contextlib import ExitStack
 from typing import Any
 
-from ..bam.bgzf import BLOCK_SIZE, EOF_BLOCK, BgzfWriter, compress_block
-from ..engine import progress
+from ..bam.bgzf import BLOCK_SIZE, EOF_BLOCK, compress_block
 from ..engine.errors import WorkflowError
-from ..engine.files import fd_of
-from ..kernels.bam import RecordChunks
 from .partition import Layout, layout_of, read_block
 
 
@@ -116,27 +112,4 @@ def concat_raw(paths: list[str], header_bytes: int, output: str) -> int:
     return total
 
 
-def write_bgzf(input: Any, output: Any, *, level: int | str = 6, threads: int = 2, source: str = "") -> dict[str, Any]:
-    """Job: a raw BAM stream (or BAM) → BGZF, the header kept exactly as it is
-    (no @PG added: the stages that made the records added theirs). Every
-    record is checked and counted."""
-    with ExitStack() as stack:
-        in_fd = fd_of(input, False, stack)
-        chunks = RecordChunks(in_fd, f"{source}: " if source else "", progress.current().slot)
-        header = chunks.header()
-        out_fd = fd_of(output, True, stack)
-        writer = BgzfWriter(io.FileIO(out_fd, "wb", closefd=False), level=level, threads=threads)
-        try:
-            writer.write(header)
-            writer.flush_block()
-            total = 0
-            while data := chunks.next_chunk():
-                writer.write(data)
-                total += len(data)
-            writer.close()
-        finally:
-            writer.abort()
-        return {"records": chunks.records, "record_bytes": total}
-
-
-__all__ = ["concat_bams", "concat_raw", "copy_range", "write_bgzf"]
+__all__ = ["concat_bams", "concat_raw", "copy_range"]

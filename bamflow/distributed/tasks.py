@@ -41,7 +41,7 @@ from ..engine.errors import WorkflowError
 from ..engine.fifo import FIFO
 from ..engine.publish import Publication
 from .executor import TaskContext
-from .gather import concat_bams, concat_raw, write_bgzf
+from .gather import concat_bams, concat_raw
 from .partition import Partition, VOffset, read_partition, split_points
 
 UNASSIGNED = "unassigned.bam"
@@ -221,8 +221,7 @@ def gather_bam(ctx: TaskContext, folder: str, report: Any, *, parts: list[str], 
     w.add_job(func=collect_records, job_name="{workflow}.collect{n}", inputs=parts, output=FIFO("merged", "wb"),
               options=CollectOptions("coordinate"))
     collector = w.last[0]
-    w.add_job(func=write_bgzf, job_name="{workflow}.BAM_writer{n}", input=FIFO("merged", "rb"), output=path,
-              level=level, threads=threads)
+    w.BAM_writer(input=FIFO("merged", "rb"), output=path, options=EncodeOptions(level, threads, program=False))
     writer = w.last[0]
     w.run(on_progress=report)
     collected, written = w.result(collector)["records"], w.result(writer)["records"]
@@ -244,8 +243,8 @@ def merge_range(ctx: TaskContext, folder: str, report: Any, *, ranges: list[tupl
     w.add_job(func=collect_records, job_name="{workflow}.collect{n}", inputs=FIFO("range{n}", "rb", n=len(ranges)),
               output=FIFO("merged", "wb"), options=CollectOptions("coordinate"))
     collector = w.last[0]
-    w.add_job(func=write_bgzf, job_name="{workflow}.BAM_writer{n}", input=FIFO("merged", "rb"),
-              output=os.path.join(folder, "part.bam"), level=level, threads=threads)
+    w.BAM_writer(input=FIFO("merged", "rb"), output=os.path.join(folder, "part.bam"),
+                 options=EncodeOptions(level, threads, program=False))
     writer = w.last[0]
     w.run(on_progress=report)
     collected, written = w.result(collector)["records"], w.result(writer)["records"]
