@@ -17,6 +17,15 @@ each repeat, medians):
              outputs: a different output, the same barcode/UMI extraction).
 * histogram  ``bamflow histogram --tag CB`` vs a minimal pysam loop counting CB of
              non-secondary, non-supplementary reads.
+* umi        issue 10 (UMI kernels in C): interleaved pairs A B A B of ``bamflow
+             count`` (2 workers) against ``samtools view -@2 -u IN -o /dev/null``,
+             1 against 2 workers for count and dedup, ``bamflow dedup
+             --random-seed 1`` (umi_tools' reads, one worker), and ``umi_tools
+             count`` / ``umi_tools dedup --random-seed 1`` against bamflow; the load
+             average before and after each group; agreement: umi_tools' dedup output
+             and bamflow's record for record, the count tables entry by entry.
+             ``--big`` adds bamflow's peak memory on a second (larger) BAM. Not in the
+             default ``--workloads``: ``--workloads umi``.
 
 Measuring is bench_bam.py's ``measure``: every command a fresh subprocess in its
 own session, wall via ``time.monotonic``, CPU = user+sys of the process tree
@@ -26,6 +35,8 @@ once more through ``--run-one cli`` (the same CLI ``main`` in-process with
 ``Workflow.run`` wrapped) to record per-job CPU (``Workflow.job_stats``).
 
     python benchmarks/bench_presets.py --input /tmp/sim2M.bam --repeats 2 --slow-repeats 1
+    python benchmarks/bench_presets.py --input /tmp/sim2M.bam --workloads umi --pairs-fast 5 --pairs-slow 2 \
+        --big /tmp/sim8M.bam --samtools /usr/bin/samtools
 
 Internal: ``--run-one SYSTEM`` runs one measured command.
 """
@@ -48,8 +59,16 @@ sys.path.insert(0, HERE)
 from bench_bam import CAPTURED, _capture_workflows, count_records, machine_info, measure, med  # noqa: E402
 
 SAMTOOLS = shutil.which("samtools") or "samtools"
-BAMFLOW = shutil.which("bamflow") or "bamflow"
-UMI_TOOLS = shutil.which("umi_tools") or "umi_tools"
+
+
+def _script(name: str) -> str:
+    """This Python's own console script (not a version manager's shim, which costs ~0.2 s a start)."""
+    own = os.path.join(sys.prefix, "bin", name)
+    return own if os.path.exists(own) else (shutil.which(name) or name)
+
+
+BAMFLOW = _script("bamflow")
+UMI_TOOLS = _script("umi_tools")
 DATA = os.path.join(HERE, "data")
 
 
@@ -90,6 +109,8 @@ def run_one(system: str, inp: str, out: str, stats_path: str | None, rest: list[
         stats = {"exit": code, "job_stats": [w.job_stats for w in CAPTURED]}
     elif system == "make-fastq":  # in a child: the parent's peak RSS leaks into every child's ru_maxrss
         stats = {"fastq": make_fastq_pair(int(rest[0]))}
+    elif system == "umi-agree":
+        stats = umi_agreement(inp)
     elif system == "agree":
         with open(inp) as f:
             job = json.load(f)
@@ -480,6 +501,128 @@ def agreement(workload: str, prep: dict, work: str) -> dict:
     return {}
 
 
+# -- issue 10: UMI kernels in C --------------------------------------------------------------------
+
+
+def umi_commands(inp: str, work: str, samtools: str) -> dict[str, list[str]]:
+    o = lambda name: os.path.join(work, name)  # noqa: E731
+    bf = lambda *a: [BAMFLOW, *a, "--progress", "none"]  # noqa: E731
+    tag = ["--extract-umi-method=tag", "--umi-tag=UB", "--cell-tag=CB", "--per-cell"]
+    return {
+        "samtools view -@2 -u": [samtools, "view", "-@2", "-u", inp, "-o", "/dev/null"],
+        "bamflow count -w 2": bf("count", "--gene-tag", "GX", "--formats", "tsv", "-w", "2", inp, "-o", o("u_count2"),
+                                 "--stats", o("u_count2.json")),
+        "bamflow count -w 1": bf("count", "--gene-tag", "GX", "--formats", "tsv", "-w", "1", inp, "-o", o("u_count1"),
+                                 "--stats", o("u_count1.json")),
+        "bamflow count -w 2 (mtx,tsv,h5ad)": bf("count", "--gene-tag", "GX", "-w", "2", inp, "-o", o("u_count_all"),
+                                                "--stats", o("u_count_all.json")),
+        "umi_tools count": [UMI_TOOLS, "count", "--per-gene", "--gene-tag=GX", *tag, "-I", inp, "-S", o("u_ut_counts.tsv"),
+                            "--random-seed=1", "-L", o("u_ut_count.log")],
+        "bamflow dedup -w 2": bf("dedup", inp, "-o", o("u_dedup2.bam"), "-w", "2", "--stats", o("u_dedup2.json")),
+        "bamflow dedup -w 1": bf("dedup", inp, "-o", o("u_dedup1.bam"), "-w", "1", "--stats", o("u_dedup1.json")),
+        "bamflow dedup --random-seed 1": bf("dedup", inp, "-o", o("u_dedup_seed.bam"), "--random-seed", "1",
+                                            "--cell-tag-split=-", "--stats", o("u_dedup_seed.json")),
+        "umi_tools dedup": [UMI_TOOLS, "dedup", *tag, "--method=directional", "--random-seed=1", "-I", inp, "-S",
+                            o("u_ut_dedup.bam"), "-L", o("u_ut_dedup.log")],
+    }
+
+
+UMI_GROUPS = (
+    # (systems run in turn, A B A B …; slow: the --pairs-slow count of rounds)
+    (("bamflow count -w 2", "samtools view -@2 -u"), False),
+    (("bamflow count -w 1", "bamflow count -w 2"), False),
+    (("bamflow dedup -w 1", "bamflow dedup -w 2", "bamflow dedup --random-seed 1"), False),
+    (("bamflow count -w 2 (mtx,tsv,h5ad)", "bamflow count -w 2"), False),
+    (("umi_tools count", "bamflow count -w 2"), True),
+    (("umi_tools dedup", "bamflow dedup -w 2", "bamflow dedup --random-seed 1"), True),
+)
+
+
+def umi_agreement(work: str) -> dict:
+    """umi_tools' dedup output against bamflow's (--random-seed 1), record for record, and the
+    count tables entry by entry (bamflow keeps the whole barcode; umi_tools cuts it at '-')."""
+    import pysam
+
+    o = lambda name: os.path.join(work, name)  # noqa: E731
+    out: dict = {}
+    if os.path.exists(o("u_ut_dedup.bam")) and os.path.exists(o("u_dedup_seed.bam")):
+        with pysam.AlignmentFile(o("u_ut_dedup.bam")) as a, pysam.AlignmentFile(o("u_dedup_seed.bam")) as b:
+            n = differ = 0
+            first = None
+            for x, y in zip(a, b, strict=False):
+                n += 1
+                if x.to_string() != y.to_string():
+                    differ += 1
+                    first = first or n
+            rest_a, rest_b = sum(1 for _ in a), sum(1 for _ in b)
+        out["dedup_seed_records"] = n + rest_b
+        out["dedup_seed_umi_tools_records"] = n + rest_a
+        out["dedup_seed_records_differing"] = differ + rest_a + rest_b
+        out["dedup_seed_first_difference"] = first
+    if os.path.exists(o("u_ut_counts.tsv")):
+        out["count"] = compare_counts(o("u_count2"), o("u_ut_counts.tsv"))
+    for name in ("u_dedup1.bam", "u_dedup2.bam"):
+        if os.path.exists(o(name)):
+            out[name + "_records"] = count_records(o(name))
+    return out
+
+
+def run_umi_workload(args, work: str, log) -> tuple[dict, str]:
+    cmds = umi_commands(args.input, work, args.samtools)
+    report: dict = {"groups": []}
+    md = ["#### issue 10: UMI presets (interleaved; medians)", ""]
+    for names, slow in UMI_GROUPS:
+        rounds = args.pairs_slow if slow else args.pairs_fast
+        load_before = os.getloadavg()
+        runs: dict[str, list[dict]] = {name: [] for name in names}
+        for _ in range(rounds):
+            for name in names:
+                m = measure(cmds[name], 3600)
+                runs[name].append(m)
+                log(f"umi {name}: wall {m['wall']:.2f}s cpu {m['cpu']:.2f}s rss {m['max_rss_kb'] // 1024} MB "
+                    f"pss {m['tree_pss_kb'] // 1024} MB exit {m['exit']} load {os.getloadavg()[0]:.2f}")
+                if m["exit"] != 0:
+                    log("  stderr: " + m["stderr"].strip()[-600:])
+        load_after = os.getloadavg()
+        report["groups"].append({"systems": names, "runs": runs, "load_before": load_before, "load_after": load_after})
+        md.append(f"load average before {load_before[0]:.2f} / after {load_after[0]:.2f} (1 min)")
+        md.append("")
+        md.append("| system | runs | wall s median (min–max) | CPU s median (min–max) | largest process RSS MB "
+                  "| tree PSS peak MB |")
+        md.append("|---|---|---|---|---|---|")
+        for name, ms in runs.items():
+            ok = [m for m in ms if m["exit"] == 0]
+            if not ok:
+                md.append(f"| {name} | 0/{len(ms)} | – | – | – | – |")
+                continue
+            walls, cpus = [m["wall"] for m in ok], [m["cpu"] for m in ok]
+            md.append(f"| {name} | {len(ok)}/{len(ms)} | {med(walls):.2f} ({min(walls):.2f}–{max(walls):.2f}) "
+                      f"| {med(cpus):.2f} ({min(cpus):.2f}–{max(cpus):.2f}) | {max(m['max_rss_kb'] for m in ok) / 1024:.0f} "
+                      f"| {max(m['tree_pss_kb'] for m in ok) / 1024:.0f} |")
+        md.append("")
+    if args.big:
+        o = lambda name: os.path.join(work, name)  # noqa: E731
+        for name, cmd in (("count -w 2", [BAMFLOW, "count", "--gene-tag", "GX", "--formats", "tsv", "-w", "2", args.big,
+                                          "-o", o("u_big_count"), "--progress", "none"]),
+                          ("dedup -w 2", [BAMFLOW, "dedup", args.big, "-o", o("u_big_dedup.bam"), "-w", "2", "--progress",
+                                          "none"])):
+            m = measure(cmd, 3600)
+            report.setdefault("big", {})[name] = m
+            log(f"umi big {name}: wall {m['wall']:.2f}s cpu {m['cpu']:.2f}s rss {m['max_rss_kb'] // 1024} MB "
+                f"pss {m['tree_pss_kb'] // 1024} MB exit {m['exit']}")
+            md.append(f"{os.path.basename(args.big)}: bamflow {name}: wall {m['wall']:.2f} s, CPU {m['cpu']:.2f} s, "
+                      f"largest process {m['max_rss_kb'] / 1024:.0f} MB, tree PSS {m['tree_pss_kb'] / 1024:.0f} MB")
+        md.append("")
+    # in a child: reading two 760k-record BAMs with pysam would raise this process's peak RSS
+    agree_json = os.path.join(work, "umi_agree.json")
+    subprocess.run(self_cmd("umi-agree", work, "-", agree_json), check=True)
+    with open(agree_json) as f:
+        report["agreement"] = json.load(f)
+    log(f"umi agreement: {report['agreement']}")
+    md.append("agreement: `" + json.dumps(report["agreement"]) + "`\n")
+    return report, "\n".join(md)
+
+
 # -- reporting -------------------------------------------------------------------------------------
 
 
@@ -536,6 +679,10 @@ def main(argv=None) -> int:
     p.add_argument("--pairs", type=int, default=1_000_000)
     p.add_argument("--work", default=os.path.join(HERE, "out", "presets"))
     p.add_argument("--no-job-stats", action="store_true")
+    p.add_argument("--pairs-fast", type=int, default=5, help="umi: rounds of the interleaved runs under 20 s")
+    p.add_argument("--pairs-slow", type=int, default=2, help="umi: rounds with umi_tools")
+    p.add_argument("--big", default=None, help="umi: a larger BAM for bamflow's peak memory")
+    p.add_argument("--samtools", default=SAMTOOLS, help="umi: the samtools to compare with")
     p.add_argument("--run-one")
     p.add_argument("--output")
     p.add_argument("--stats")
@@ -557,7 +704,7 @@ def main(argv=None) -> int:
     log(f"machine: {report['machine']}")
     log(f"parent max RSS (floor of every child's ru_maxrss): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MB")
     if not os.path.exists(args.input + ".bai"):
-        subprocess.run([SAMTOOLS, "index", args.input], check=True)
+        subprocess.run([args.samtools, "index", args.input], check=True)
     prep: dict = {"reads_in": count_records(args.input), "pairs": args.pairs}
     if "count" in wl:
         prep["primary"] = primary_bam(args.input, args.work)
@@ -578,6 +725,10 @@ def main(argv=None) -> int:
         "histogram": "pysam loop (CB, skip secondary/supplementary)",
     }
     md = []
+    if "umi" in wl:
+        report["umi"], text = run_umi_workload(args, args.work, log)
+        md.append(text)
+        print(text, flush=True)
     for w in ("dedup", "count", "tag", "histogram"):
         if w not in wl:
             continue

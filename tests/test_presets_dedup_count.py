@@ -1,6 +1,8 @@
 """UMI presets against umi_tools: clustering (property test), dedup and count
 on small 10x-style BAMs, compared with `umi_tools dedup` / `umi_tools count`
-run as subprocesses with matching options."""
+with matching options (run by tests/test_umi_support.py's umi_tools fixture:
+forked from a process that imported umi_tools once). Option-by-option,
+line-for-line comparisons are in tests/test_umi_tools_equal.py."""
 
 from __future__ import annotations
 
@@ -10,21 +12,22 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 from collections import Counter
 
 import pysam
 import pytest
+import test_umi_support
 import umi_tools.network as umi_tools_network  # the reference (installed by the README's test command)
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_umi_support import write_bam
 
 import bamflow as bf
 from bamflow.presets.count import count
 from bamflow.presets.dedup import dedup
 from bamflow.presets.umi import METHODS, cluster_umis
 
-UMI_TOOLS = [sys.executable, "-m", "umi_tools.umi_tools"]
+umi_tools = test_umi_support.umi_tools  # the fixture (a module's own, so collection order does not matter)
 
 REFS = [("chr1", 200_000), ("chr2", 100_000)]
 UMI_LEN = 8
@@ -161,32 +164,11 @@ def make_reads(seed=7, n_cells=6, n_genes=8):
     return hdr, reads, why
 
 
-def write(path, hdr, reads, names=None, sort_order="coordinate"):
-    d = hdr.to_dict()
-    d["HD"]["SO"] = sort_order
-    h = pysam.AlignmentHeader.from_dict(d)
-    with pysam.AlignmentFile(str(path), "wb", header=h) as f:
-        for r in reads:
-            if names is not None:
-                r = pysam.AlignedSegment.fromstring(r.to_string(), h)
-                r.query_name = names(r)
-            f.write(r)
-    if sort_order == "coordinate":
-        pysam.index(str(path))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("umi")
     hdr, reads, why = make_reads()
-    return {"dir": d, "bam": write(d / "in.bam", hdr, reads), "reads": reads, "why": why, "hdr": hdr}
-
-
-def umi_tools(*args):
-    r = subprocess.run([*UMI_TOOLS, *args], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
+    return {"dir": d, "bam": write_bam(d / "in.bam", hdr, reads), "reads": reads, "why": why, "hdr": hdr}
 
 
 def kept_keys(path, cell_of=lambda r: r.get_tag("CB").split("-")[0], umi_of=lambda r: r.get_tag("UB")):
@@ -213,7 +195,7 @@ def group_sizes(keys):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_dedup_equals_umi_tools(data, method):
+def test_dedup_equals_umi_tools(umi_tools, data, method):
     d = data["dir"]
     theirs = str(d / f"ut_{method}.bam")
     umi_tools(
@@ -248,7 +230,7 @@ def test_dedup_equals_umi_tools(data, method):
     assert pos == sorted(pos)
 
 
-def test_dedup_per_gene_equals_umi_tools(data):
+def test_dedup_per_gene_equals_umi_tools(umi_tools, data):
     d = data["dir"]
     theirs = str(d / "ut_gene.bam")
     umi_tools(
@@ -280,7 +262,7 @@ def test_dedup_per_gene_equals_umi_tools(data):
 
 
 @pytest.mark.parametrize("cell_in_name", [False, True])
-def test_dedup_read_name_umis_equal_umi_tools(data, cell_in_name):
+def test_dedup_read_name_umis_equal_umi_tools(umi_tools, data, cell_in_name):
     d = data["dir"]
 
     def name(r):
@@ -291,7 +273,7 @@ def test_dedup_read_name_umis_equal_umi_tools(data, cell_in_name):
         return f"{r.query_name}_{cell}_{umi}" if cell_in_name else f"{r.query_name}_{umi}"
 
     kept = [r for r in data["reads"] if r.has_tag("UB") and (r.has_tag("CB") or not cell_in_name)]
-    src = write(d / f"names{cell_in_name}.bam", data["hdr"], kept, names=name)
+    src = write_bam(d / f"names{cell_in_name}.bam", data["hdr"], kept, rename=name)
     theirs = str(d / f"ut_names{cell_in_name}.bam")
     extra = ["--per-cell"] if cell_in_name else []
     umi_tools(
@@ -315,11 +297,11 @@ def test_dedup_read_name_umis_equal_umi_tools(data, cell_in_name):
 def test_read_name_umi_with_tag_cell_equals_tag_mode(data):
     """umi="read_name" with per_cell: UMI from the name, cell from CB (sharded by CB)."""
     d = data["dir"]
-    src = write(
+    src = write_bam(
         d / "names_cb.bam",
         data["hdr"],
         data["reads"],
-        names=lambda r: f"{r.query_name}_{r.get_tag('UB')}" if r.has_tag("UB") else r.query_name,
+        rename=lambda r: f"{r.query_name}_{r.get_tag('UB')}" if r.has_tag("UB") else r.query_name,
     )
     a = dedup(src, str(d / "by_name.bam"), umi="read_name", workers=3, timeout=120)
     b = dedup(src, str(d / "by_tag.bam"), umi="tag:UB", workers=2, timeout=120)
@@ -355,7 +337,7 @@ def test_unsorted_input_gives_the_same_reads(data):
     d = data["dir"]
     shuffled = list(data["reads"])
     random.Random(1).shuffle(shuffled)
-    src = write(d / "shuffled.bam", data["hdr"], shuffled, sort_order="unsorted")
+    src = write_bam(d / "shuffled.bam", data["hdr"], shuffled, sort_order="unsorted")
     a, b = str(d / "from_sorted.bam"), str(d / "from_unsorted.bam")
     dedup(data["bam"], a, workers=1, timeout=120)
     dedup(src, b, workers=3, timeout=120)
@@ -393,8 +375,9 @@ def test_bad_inputs_are_counted_not_lost(tmp_path):
     assert stats["dropped"] == {"no_umi": 2, "no_cell": 1, "unmapped": 1}
     stats = dedup(str(src), str(tmp_path / "out2.bam"), umi="read_name", per_cell=False, timeout=60)
     assert stats["dropped"] == {"no_umi": 4, "unmapped": 1}  # no "_UMI" in the names
-    c = count(str(src), tmp_path / "cnt", gene_tag="GX", formats=("tsv",), timeout=60)
-    assert c["counted"] == 0 and c["dropped"] == {"no_umi": 2, "no_cell": 1, "no_gene": 1, "unmapped": 1}
+    with pytest.raises(bf.WorkflowError, match="tag GX is on none of 5 reads"):  # a mistyped tag fails the run
+        count(str(src), tmp_path / "cnt", gene_tag="GX", formats=("tsv",), timeout=60)
+    assert not os.path.exists(tmp_path / "cnt" / "counts.tsv")
 
 
 # -- count ----------------------------------------------------------------------------------
@@ -408,7 +391,7 @@ def read_tsv(path, strip_suffix=False):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_count_equals_umi_tools(data, method):
+def test_count_equals_umi_tools(umi_tools, data, method):
     d = data["dir"]
     theirs = str(d / f"ut_count_{method}.tsv")
     umi_tools(
@@ -476,14 +459,14 @@ def test_count_cell_selection(data):
     m = scipy.io.mmread(str(out / "matrix.mtx.gz"))
     assert m.shape == (full["genes"], 2) and m.sum() == totals[listed[0]]
     threshold = sorted(totals.values())[2]
-    stats = count(data["bam"], out, min_umis=threshold, formats=("tsv",), timeout=120)
+    stats = count(data["bam"], out, min_umis=threshold, formats=("tsv",), force=True, timeout=120)  # (replaces the mtx)
     assert stats["cells"] == sum(t >= threshold for t in totals.values())
 
 
-def test_count_joins_a_gene_across_references(tmp_path):
-    """A secondary alignment on another reference keeps its gene tag: bamflow
-    clusters all of a (cell, gene)'s UMIs together. (umi_tools bundles per
-    reference and its --per-cell table keeps the last reference's count.)"""
+def test_count_keeps_the_last_reference_of_a_gene_as_umi_tools(tmp_path, umi_tools):
+    """A secondary alignment on another reference keeps its gene tag: umi_tools
+    bundles per reference and its --per-cell table keeps the last reference's
+    count; bamflow's tables do the same (and say how often, ``overwritten``)."""
     hdr = pysam.AlignmentHeader.from_dict(
         {"HD": {"VN": "1.6", "SO": "coordinate"}, "SQ": [{"SN": n, "LN": ln} for n, ln in REFS]}
     )
@@ -501,6 +484,9 @@ def test_count_joins_a_gene_across_references(tmp_path):
             r.reference_id, r.reference_start, r.cigarstring, r.mapping_quality = tid, pos, "20M", 255
             r.set_tags([("CB", "CELL-1"), ("UB", umi), ("GX", "G1")])
             f.write(r)
-    stats = count(str(src), tmp_path / "c", formats=("tsv",), method="cluster", timeout=60)
-    assert read_tsv(tmp_path / "c" / "counts.tsv") == {("G1", "CELL-1"): 2}
-    assert stats["counted"] == 4
+    pysam.index(str(src))
+    stats = count(str(src), tmp_path / "c", formats=("tsv",), method="cluster", cell_tag_split="-", timeout=60)
+    umi_tools("count", "-I", src, "-S", tmp_path / "ut.tsv", "--extract-umi-method=tag", "--umi-tag=UB", "--cell-tag=CB",
+              "--per-cell", "--per-gene", "--gene-tag=GX", "--method=cluster")
+    assert read_tsv(tmp_path / "c" / "counts.tsv") == read_tsv(tmp_path / "ut.tsv") == {("G1", "CELL"): 1}
+    assert stats["counted"] == 4 and stats["overwritten"] == 1 and stats["molecules_all_bundles"] == 3

@@ -1,18 +1,31 @@
-"""Gene × cell UMI counts, like ``umi_tools count --per-gene --per-cell --gene-tag=GX``.
+"""UMI counts per gene (and cell), as ``umi_tools count`` does it (UMI-tools
+1.1.6), with C kernels.
 
-    decode ─▶ distribute by CB ─▶ count worker × N   (per cell: {gene: {umi: reads}} → molecules)
-                  └─(no CB)─▶ unassigned worker      (counts why)
+    decode ─▶ distribute by CB ─▶ UMI kernel × N   (count: per (cell, gene) bundle, molecules in arrays)
+                  └─(no CB)─▶ unassigned kernel    (counts why)
 
-Each worker sees whole cells, collects the UMIs of every (cell, gene) with
-their read counts, ignoring position (umi_tools' ``--per-gene``), clusters
-them (:mod:`bamflow.presets.umi`) and returns per cell ``{gene: molecules}``.
-Memory: one entry per distinct (cell, gene, UMI) of a worker's share.
+The kernel (:class:`bamflow.kernels.umi.UmiKernel`, mode ``count``) bundles
+reads as umi_tools' ``get_bundles`` does with ``--per-gene``: per reference,
+gene (``gene_tag``, or the reference with ``per_contig``) and cell,
+position ignored; a reference's bundles are clustered when the next
+reference starts. Per bundle the number of UMI groups is the count. The
+kernel returns arrays (gene, cell, count); the tables are formatted from
+them in C, without a Python loop per entry.
 
-Outputs in ``out/``: ``matrix.mtx.gz``, ``barcodes.tsv.gz``,
-``features.tsv.gz`` (10x / ``scanpy.read_10x_mtx`` layout, genes × cells),
-``counts.tsv`` (umi_tools ``count --per-cell`` long format: ``gene cell
-count``, sorted by gene then cell) and ``counts.h5ad`` (cells × genes) when
-anndata is installed.
+Outputs in ``out/``:
+
+- ``counts.tsv``: umi_tools' table — with ``per_cell``: ``gene cell count``,
+  sorted by gene then cell (``wide_format_cell_counts``: genes × cells);
+  without: ``gene count``, one line per bundle in umi_tools' order;
+- ``matrix.mtx.gz``, ``barcodes.tsv.gz``, ``features.tsv.gz`` (10x layout,
+  genes × cells) and ``counts.h5ad`` (cells × genes, when anndata is
+  installed): per cell only.
+
+A gene whose reads lie on several references (secondary alignments carry
+the gene tag) is one bundle per reference in umi_tools; its ``--per-cell``
+table keeps the last reference's count, and so does bamflow (every output),
+so that the tables are equal; ``stats["overwritten"]`` says how many
+(gene, cell) counts were replaced that way.
 """
 
 from __future__ import annotations
@@ -20,251 +33,284 @@ from __future__ import annotations
 import gzip
 import logging
 import os
-import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..bam.options import DecodeOptions
-from ..bam.workflow import BamWorkflow
-from ..engine.errors import WorkflowError
 from ..engine.publish import Publication
-from .dedup import ReadKeys, by_cell, gather, unassigned_worker
-from .umi import METHODS, cluster_umis
+from .dedup import SUMMED, UmiOptions, books, gather, run_umi
 
 log = logging.getLogger("bamflow")
 
-DEFAULT_GENE_FILTER = r"^(?!__|Unassigned)"  # keep; umi_tools skips "^(__|Unassigned)"
 FORMATS = ("mtx", "tsv", "h5ad")
-
-
-def count_worker(
-    input: str,
-    output: str | None,
-    *,
-    method: str,
-    umi_tag: str,
-    cell_tag: str,
-    gene_tag: str,
-    name_tag: str | None,
-    gene_filter: str | None,
-) -> dict[str, Any]:
-    """One worker: {cell: {gene: molecules}}, gene names, read counts and drops."""
-    import pysam
-
-    keys = ReadKeys(f"tag:{umi_tag}", cell_tag, per_cell=True, gene_tag=gene_tag, skip_genes=None)
-    keep = re.compile(gene_filter) if gene_filter else None
-    umis: dict[str, dict[str, dict[str, int]]] = {}  # cell → gene → umi → reads
-    names: dict[str, str] = {}
-    dropped: dict[str, int] = {}
-    reads_in = counted = 0
-    with pysam.AlignmentFile(input, "rb", check_sq=False) as reads:
-        for read in reads:
-            reads_in += 1
-            reason, umi, cell, gene = keys(read)
-            if reason is None and keep is not None and not keep.search(str(gene)):
-                reason = "gene_filtered"
-            if reason is not None:
-                dropped[reason] = dropped.get(reason, 0) + 1
-                continue
-            gene = str(gene)
-            counted += 1
-            per_gene = umis.setdefault(cell, {}).setdefault(gene, {})
-            per_gene[umi] = per_gene.get(umi, 0) + 1
-            if name_tag is not None and gene not in names:
-                try:
-                    names[gene] = str(read.get_tag(name_tag))
-                except KeyError:
-                    pass
-    counts = {cell: {gene: len(cluster_umis(u, method)) for gene, u in genes.items()} for cell, genes in umis.items()}
-    return {"reads_in": reads_in, "written": None, "counted": counted, "dropped": dropped, "counts": counts,
-            "names": names}
-
-
-def _read_cells(cells: Sequence[str] | str | os.PathLike[str]) -> list[str]:
-    if isinstance(cells, (str, os.PathLike)):
-        opener = gzip.open if os.fspath(cells).endswith(".gz") else open
-        with opener(cells, "rt") as f:
-            listed = [line.split("\t")[0].strip() for line in f]
-        return [c for c in listed if c]
-    return [str(c) for c in cells]
-
-
-def write_mtx(
-    pub: Publication, out: str, genes: list[str], names: dict[str, str], cells: list[str],
-    counts: dict[str, dict[str, int]],
-) -> dict[str, str]:
-    """10x layout: matrix.mtx.gz (genes × cells), barcodes.tsv.gz, features.tsv.gz."""
-    gene_index = {g: i + 1 for i, g in enumerate(genes)}
-    entries = [
-        (gene_index[g], j + 1, n)
-        for j, cell in enumerate(cells)
-        for g, n in sorted(counts.get(cell, {}).items(), key=lambda gn: gene_index[gn[0]])
-        if n
-    ]
-    paths = {name: os.path.join(out, name) for name in ("matrix.mtx.gz", "barcodes.tsv.gz", "features.tsv.gz")}
-    with pub.open(paths["matrix.mtx.gz"]) as f:
-        f.write("%%MatrixMarket matrix coordinate integer general\n")
-        f.write('%metadata_json: {"software_version": "bamflow", "format_version": 2}\n')
-        f.write(f"{len(genes)} {len(cells)} {len(entries)}\n")
-        f.writelines(f"{i} {j} {n}\n" for i, j, n in entries)
-    pub.write_tsv(paths["barcodes.tsv.gz"], None, ((c,) for c in cells))
-    pub.write_tsv(paths["features.tsv.gz"], None, ((g, names.get(g, g), "Gene Expression") for g in genes))
-    return paths
-
-
-def write_tsv(pub: Publication, path: str, counts: dict[str, dict[str, int]]) -> str:
-    """umi_tools count --per-cell long format: gene, cell, count; sorted by gene then cell."""
-    rows = sorted((g, c, n) for c, genes in counts.items() for g, n in genes.items() if n)
-    return pub.write_tsv(path, ("gene", "cell", "count"), rows)
-
-
-def write_h5ad(
-    pub: Publication, path: str, genes: list[str], names: dict[str, str], cells: list[str],
-    counts: dict[str, dict[str, int]],
-) -> str | None:
-    """cells × genes AnnData (CSR, int32), var: gene_ids, gene_names; None without anndata."""
-    try:
-        import anndata
-        import numpy as np
-        import pandas as pd
-        import scipy.sparse as sp
-    except ImportError:
-        log.warning("count: anndata is not installed; not writing %s (pip install anndata)", path)
-        return None
-    gene_index = {g: i for i, g in enumerate(genes)}
-    rows, cols, data = [], [], []
-    for i, cell in enumerate(cells):
-        for g, n in counts.get(cell, {}).items():
-            if n:
-                rows.append(i)
-                cols.append(gene_index[g])
-                data.append(n)
-    x = sp.csr_matrix((np.asarray(data, dtype=np.int32), (rows, cols)), shape=(len(cells), len(genes)))
-    adata = anndata.AnnData(
-        X=x,
-        obs=pd.DataFrame(index=pd.Index(cells, name="barcode")),
-        var=pd.DataFrame({"gene_ids": genes, "gene_names": [names.get(g, g) for g in genes]}, index=pd.Index(genes, name="gene")),
-    )
-    adata.write_h5ad(pub.path(path))
-    return path
 
 
 def count(
     input: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
-    method: str = "directional",
-    gene_tag: str = "GX",
+    gene_tag: str | None = "GX",
     name_tag: str | None = "GN",
-    cell_tag: str = "CB",
-    umi_tag: str = "UB",
-    gene_filter: str | None = DEFAULT_GENE_FILTER,
     cells: Sequence[str] | str | os.PathLike[str] | None = None,
     min_umis: int | None = None,
     formats: Sequence[str] = FORMATS,
+    wide_format_cell_counts: bool = False,
+    force: bool = False,
     workers: int = 2,
     threads: int = 2,
     start_method: str | None = None,
     timeout: float | None = None,
     on_progress: Callable[[Any], None] | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Count UMI molecules per gene and cell like ``umi_tools count --per-gene
-    --per-cell --gene-tag=GX --extract-umi-method=tag --umi-tag=UB --cell-tag=CB``.
+    """Count UMI molecules per gene (and cell) like ``umi_tools count --per-gene``.
 
-    A read counts for its (cell, gene) if it is mapped, not read 2, has the
-    UMI, cell and gene tags, the gene is not empty and matches ``gene_filter``
-    (a regex searched in the gene; the default skips featureCounts'
-    ``__no_feature`` … and ``Unassigned_*``). Per (cell, gene) the UMIs are
-    clustered with ``method``; the count is the number of clusters.
-    ``cells`` (a list, or a file with one barcode a line, first column) fixes
-    the columns (listed cells with no reads get zero columns); else
-    ``min_umis`` keeps cells with at least that many molecules; else every
-    cell seen. ``formats``: any of ``mtx``, ``tsv``, ``h5ad`` (skipped with a
-    warning if anndata is missing). Returns ``{"reads_in", "counted",
-    "dropped", "cells", "genes", "molecules", "outputs", "per_worker"}``.
+    ``options``: :class:`~bamflow.presets.dedup.UmiOptions` fields
+    (umi_tools' names: ``method``, ``umi_tag``, ``cell_tag``, ``per_cell``,
+    ``per_contig``, ``skip_tags_regex``, ``mapping_quality``, …); counting is
+    always per gene (``gene_tag``, or ``per_contig=True``). ``cells`` fixes
+    the columns: a list, a file with one barcode a line (gzip too), or qc's
+    ``per_cell.tsv`` (its ``barcode`` header skipped; with an ``is_cell``
+    column, the called cells only); listed cells without reads are zero
+    columns. Else ``min_umis`` keeps cells with at least that many molecules;
+    else every cell seen. ``formats``: ``mtx``, ``tsv``, ``h5ad`` (without
+    ``per_cell`` only ``tsv``). ``out`` is claimed as qc and shard claim
+    theirs: a folder holding an earlier run's outputs is refused unless
+    ``force`` (then replaced whole when this run commits). Returns ``{"reads_in", "counted", "dropped",
+    "cells", "cells_seen", "genes", "molecules", "outputs", "per_worker", …}``.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+    if "per_gene" in options and not options["per_gene"]:
+        raise ValueError("count is always per gene (umi_tools count hardcodes --per-gene)")
+    if options.get("per_contig"):
+        gene_tag = None
+    opts, rest = UmiOptions.take({**options, "gene_tag": gene_tag, "per_gene": True})
+    if rest:
+        raise TypeError(f"count() got unexpected keyword arguments: {', '.join(sorted(rest))}")
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown formats {sorted(unknown)}; choose from {', '.join(FORMATS)}")
+    if not opts.per_cell and set(formats) - {"tsv"}:
+        raise ValueError("without per_cell only the tsv format is written (umi_tools' gene/count table)")
+    if wide_format_cell_counts and not opts.per_cell:
+        raise ValueError("wide_format_cell_counts needs per_cell")
+    if min_umis is not None and min_umis < 1:
+        raise ValueError(f"min_umis must be >= 1, not {min_umis}")
+    listed = read_cells(cells) if cells is not None else None
     input, out = os.fspath(input), os.fspath(out)
-    os.makedirs(out, exist_ok=True)
-    w = BamWorkflow("count", start_method=start_method)
-    jobs = w.scatter(
-        input,
-        count_worker,
-        workers=workers,
-        distribute=by_cell(cell_tag),
-        worker_kwargs=dict(
-            method=method,
-            umi_tag=umi_tag,
-            cell_tag=cell_tag,
-            gene_tag=gene_tag,
-            name_tag=name_tag if name_tag != gene_tag else None,
-            gene_filter=gene_filter,
-        ),
-        decode=DecodeOptions(threads),
-        unassigned_worker=unassigned_worker,
-        unassigned_kwargs=dict(umi=f"tag:{umi_tag}", cell_tag=cell_tag),
-    )
-    pub = Publication()
-    with pub:
-        w.run(timeout=timeout, on_progress=on_progress, publication=pub)
-        stats = _count_outputs(pub, w, jobs, out, method, cells, min_umis, formats)
+    extra = {"name_tag": name_tag if name_tag and name_tag != opts.gene_tag else None}
+    run = run_umi("count", input, opts, "count", output=None, workers=workers, threads=threads, extra=extra,
+                  start_method=start_method)
+    stats: dict[str, Any] = {}
+
+    def check(w: Any) -> None:
+        reads_in, merged, per_worker = gather(w, run.jobs, SUMMED)
+        run.jobs.require_tags(w, opts.tags())
+        stats.update(reads_in=reads_in, counted=merged.get("counted", 0),
+                     dropped=dict(sorted(merged.get("dropped", {}).items())),
+                     molecules_all_bundles=merged.get("molecules", 0), overwritten=merged.get("overwritten", 0),
+                     workers=run.workers, per_worker=per_worker)
+        books(stats, "counted", "counted")
+
+    with Publication() as pub:
+        pub.claim_folder(out, force=force, inputs=[input])  # before the pass: a bad folder fails at once
+        run.w.run(timeout=timeout, on_progress=on_progress, check=check, publication=pub)
+        table = CountTable.merge(stats.pop("per_worker"), opts.per_cell)
+        stats["per_worker"] = [{k: v for k, v in r.items() if k not in RESULT_ARRAYS} for r in run.w.result(run.jobs.workers)]
+        stats.update(table.write(pub, out, formats, listed, min_umis, wide_format_cell_counts))
         pub.commit()
+    stats["method"] = opts.method
     log.info("count %s → %s: %s", input, out, {k: v for k, v in stats.items() if k != "per_worker"})
     return stats
 
 
-def _count_outputs(
-    pub: Publication, w: BamWorkflow, jobs: Any, out: str, method: str,
-    cells: Sequence[str] | str | os.PathLike[str] | None, min_umis: int | None, formats: Sequence[str],
-) -> dict[str, Any]:
-    """Check the books, write the outputs into ``pub``; returns the stats."""
-    reads_in, merged, per_worker = gather(w, jobs)
-    counts: dict[str, dict[str, int]] = {str(c): g for c, g in merged.get("counts", {}).items()}
-    names: dict[str, str] = {}  # per worker: merging would concatenate a name seen by two workers
-    for r in per_worker:
-        for g, name in r.get("names", {}).items():
-            names.setdefault(g, name)
-    dropped = dict(sorted(merged.get("dropped", {}).items()))
-    counted = merged.get("counted", 0)
-    if reads_in != counted + sum(dropped.values()):
-        raise WorkflowError(f"reads do not add up: {reads_in} in, {counted} counted, dropped {dropped}")
-
-    totals = {c: sum(g.values()) for c, g in counts.items()}
-    if cells is not None:
-        columns = _read_cells(cells)
-    elif min_umis is not None:
-        columns = sorted(c for c, t in totals.items() if t >= min_umis)
-    else:
-        columns = sorted(counts)
-    selected = {c: counts.get(c, {}) for c in columns}
-    genes = sorted({g for per_cell in counts.values() for g in per_cell})
-
-    outputs: dict[str, str] = {}
-    if "mtx" in formats:
-        outputs.update(write_mtx(pub, out, genes, names, columns, selected))
-    if "tsv" in formats:
-        outputs["counts.tsv"] = write_tsv(pub, os.path.join(out, "counts.tsv"), selected)
-    if "h5ad" in formats:
-        path = write_h5ad(pub, os.path.join(out, "counts.h5ad"), genes, names, columns, selected)
-        if path is not None:
-            outputs["counts.h5ad"] = path
-    stats = {
-        "reads_in": reads_in,
-        "counted": counted,
-        "dropped": dropped,
-        "cells": len(columns),
-        "cells_seen": len(counts),
-        "genes": len(genes),
-        "molecules": sum(sum(g.values()) for g in selected.values()),
-        "outputs": outputs,
-        "method": method,
-        "per_worker": [{k: v for k, v in r.items() if k not in ("counts", "names")} for r in per_worker],
-    }
-    return stats
+RESULT_ARRAYS = ("genes", "cells", "entries", "names")
 
 
-__all__ = ["count", "count_worker", "write_mtx", "write_tsv", "write_h5ad"]
+def read_cells(cells: Sequence[str] | str | os.PathLike[str]) -> list[str]:
+    """Barcodes: a list, or a file (gzip too) with one a line (first column);
+    qc's ``per_cell.tsv``: its header line skipped, and with an ``is_cell``
+    column only the rows that are cells."""
+    if not isinstance(cells, (str, os.PathLike)):
+        return [str(c) for c in cells]
+    path = os.fspath(cells)
+    with open(path, "rb") as raw:
+        gz = raw.read(2) == b"\x1f\x8b"
+    with (gzip.open(path, "rt") if gz else open(path)) as f:
+        rows = [line.rstrip("\r\n").split("\t") for line in f]
+    is_cell = None
+    if rows and rows[0][0] == "barcode":
+        header = rows.pop(0)
+        is_cell = header.index("is_cell") if "is_cell" in header else None
+    listed = [r[0].strip() for r in rows if r and r[0].strip() and (is_cell is None or r[is_cell] == "1")]
+    if not listed:
+        raise ValueError(f"{path}: no cell barcodes in it")
+    return list(dict.fromkeys(listed))
+
+
+class CountTable:
+    """The (gene, cell, molecules) entries of every worker, on global gene and cell numbers."""
+
+    def __init__(self, genes: list[bytes], cells: list[bytes], gene_idx: Any, cell_idx: Any, counts: Any,
+                 names: dict[bytes, bytes], per_cell: bool) -> None:
+        self.genes, self.cells = genes, cells
+        self.gene_idx, self.cell_idx, self.counts = gene_idx, cell_idx, counts
+        self.names, self.per_cell = names, per_cell
+
+    @classmethod
+    def merge(cls, per_worker: list[dict[str, Any]], per_cell: bool) -> CountTable:
+        """Map each worker's gene and cell numbers to sorted global ones (a
+        cell is in one worker only; genes are shared)."""
+        import numpy as np
+
+        results = [r for r in per_worker if "genes" in r]
+        genes = sorted({g for r in results for g in r["genes"]})
+        cells = sorted({c for r in results for c in r["cells"]})
+        gene_pos = {g: i for i, g in enumerate(genes)}
+        cell_pos = {c: i for i, c in enumerate(cells)}
+        gi, ci, cn = [], [], []
+        names: dict[bytes, bytes] = {}
+        for r in results:
+            gmap = np.array([gene_pos[g] for g in r["genes"]] + [-1], dtype=np.int64)
+            cmap = np.array([cell_pos[c] for c in r["cells"]] + [-1], dtype=np.int64)
+            entries = np.frombuffer(r["entries"], dtype=np.int32).reshape(-1, 3)  # gene, cell, count
+            gi.append(gmap[entries[:, 0]])
+            ci.append(cmap[entries[:, 1]])  # -1 (no cell) → -1
+            cn.append(entries[:, 2].astype(np.int64))
+            for g, name in r["names"].items():
+                names.setdefault(g, name)
+        return cls(genes, cells, _joined(gi), _joined(ci), _joined(cn), names, per_cell)
+
+    def write(self, pub: Publication, out: str, formats: Sequence[str], listed: list[str] | None, min_umis: int | None,
+              wide: bool) -> dict[str, Any]:
+        import numpy as np
+
+        from ..kernels.umi import format_table
+
+        outputs: dict[str, str] = {}
+        if not self.per_cell:
+            if "tsv" in formats:  # umi_tools: one line per bundle, in its order
+                path = os.path.join(out, "counts.tsv")
+                with pub.open(path, "wb") as f:
+                    f.write(b"gene\tcount\n")
+                    _write_rows(f, self.genes, None, None, self.gene_idx, None, self.counts, "tsv")
+                outputs["counts.tsv"] = path
+            return {"genes": len(self.genes), "molecules": int(self.counts.sum()), "outputs": outputs}
+        cell_names = [c.decode("utf-8", "surrogateescape") for c in self.cells]
+        totals = np.bincount(self.cell_idx, weights=self.counts, minlength=len(self.cells)).astype(np.int64)
+        if listed is not None:
+            columns = listed
+        elif min_umis is not None:
+            columns = [c for c, t in zip(cell_names, totals, strict=True) if t >= min_umis]
+        else:
+            columns = cell_names
+        # column of every seen cell (-1: not a column)
+        where = {c: j for j, c in enumerate(columns)}
+        col_of = np.array([where.get(c, -1) for c in cell_names] + [-1], dtype=np.int64)
+        cols = col_of[self.cell_idx]
+        keep = cols >= 0
+        g, c, n = self.gene_idx[keep], cols[keep], self.counts[keep]
+        if "tsv" in formats:  # umi_tools: sorted by gene, then cell (as Python sorts the strings)
+            path = os.path.join(out, "counts.tsv")
+            col_bytes = [x.encode("utf-8", "surrogateescape") for x in columns]
+            by_name = sorted(range(len(columns)), key=col_bytes.__getitem__)
+            rank = np.empty(len(columns), dtype=np.int64)
+            rank[by_name] = np.arange(len(columns))
+            sorted_cols = [col_bytes[j] for j in by_name]
+            r = rank[c]
+            order = np.lexsort((r, g))
+            with pub.open(path, "wb") as f:
+                if wide:
+                    f.write(b"gene\t" + b"\t".join(escape(x) for x in sorted_cols) + b"\n")
+                    f.write(format_table(self.genes, sorted_cols, g[order], r[order], n[order], "wide"))
+                else:
+                    f.write(b"gene\tcell\tcount\n")
+                    _write_rows(f, self.genes, sorted_cols, order, g, r, n, "tsv")
+            outputs["counts.tsv"] = path
+        if "mtx" in formats:
+            outputs.update(self._mtx(pub, out, columns, g, c, n))
+        if "h5ad" in formats:
+            path = self._h5ad(pub, os.path.join(out, "counts.h5ad"), columns, g, c, n)
+            if path is not None:
+                outputs["counts.h5ad"] = path
+        return {
+            "cells": len(columns),
+            "cells_seen": len(self.cells),
+            "genes": len(self.genes),
+            "molecules": int(n.sum()),
+            "outputs": outputs,
+        }
+
+    def _feature_rows(self) -> list[tuple[str, str, str]]:
+        rows = []
+        for gene in self.genes:
+            name = self.names.get(gene, gene)
+            rows.append((gene.decode("utf-8", "surrogateescape"), name.decode("utf-8", "surrogateescape"), "Gene Expression"))
+        return rows
+
+    def _mtx(self, pub: Publication, out: str, columns: list[str], g: Any, c: Any, n: Any) -> dict[str, str]:
+        """10x layout: matrix.mtx.gz (genes × cells, by column then row), barcodes.tsv.gz, features.tsv.gz."""
+        import isal.igzip
+        import numpy as np
+
+        order = np.lexsort((g, c))
+        paths = {name: os.path.join(out, name) for name in ("matrix.mtx.gz", "barcodes.tsv.gz", "features.tsv.gz")}
+        head = ("%%MatrixMarket matrix coordinate integer general\n"
+                '%metadata_json: {"software_version": "bamflow", "format_version": 2}\n'
+                f"{len(self.genes)} {len(columns)} {len(n)}\n").encode()
+        with open(pub.path(paths["matrix.mtx.gz"]), "wb") as raw, \
+                isal.igzip.IGzipFile(fileobj=raw, mode="wb", compresslevel=2, mtime=0) as f:  # fast; reproducible
+            f.write(head)
+            _write_rows(f, None, None, order, g + 1, c + 1, n, "mtx")
+        pub.write_tsv(paths["barcodes.tsv.gz"], None, ((x,) for x in columns))
+        pub.write_tsv(paths["features.tsv.gz"], None, self._feature_rows())
+        return paths
+
+    def _h5ad(self, pub: Publication, path: str, columns: list[str], g: Any, c: Any, n: Any) -> str | None:
+        """cells × genes AnnData (CSR int32), var: gene_ids, gene_names; None without anndata."""
+        try:
+            import anndata
+            import numpy as np
+            import pandas as pd
+            import scipy.sparse as sp
+        except ImportError:
+            log.warning("count: anndata is not installed; not writing %s (pip install anndata)", path)
+            return None
+        x = sp.csr_matrix((n.astype(np.int32), (c, g)), shape=(len(columns), len(self.genes)))
+        features = self._feature_rows()
+        adata = anndata.AnnData(
+            X=x,
+            obs=pd.DataFrame(index=pd.Index(columns, name="barcode")),
+            var=pd.DataFrame({"gene_ids": [f[0] for f in features], "gene_names": [f[1] for f in features]},
+                             index=pd.Index([f[0] for f in features], name="gene")),
+        )
+        adata.write_h5ad(pub.path(path))
+        return path
+
+
+CHUNK = 1 << 16  # table rows formatted at a time (bounded memory)
+
+
+def _write_rows(f: Any, genes: list[bytes] | None, cells: list[bytes] | None, order: Any, g: Any, c: Any, n: Any,
+                kind: str) -> None:
+    """Rows ``order`` (None: all, as they are) of the (gene, cell, count) arrays, formatted in C, a chunk at a time."""
+    from ..kernels.umi import format_table
+
+    total = len(n) if order is None else len(order)
+    for i in range(0, total, CHUNK):
+        idx = slice(i, i + CHUNK) if order is None else order[i:i + CHUNK]
+        f.write(format_table(genes, cells, g[idx], None if c is None else c[idx], n[idx], kind))
+
+
+def _joined(parts: list[Any]) -> Any:
+    import numpy as np
+
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def escape(value: bytes) -> bytes:
+    """A table field as write_tsv escapes it."""
+    from ..engine.publish import escape_field
+
+    return escape_field(value).encode("utf-8", "surrogateescape")
+
+
+__all__ = ["count", "read_cells", "CountTable", "FORMATS"]

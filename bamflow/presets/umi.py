@@ -6,7 +6,7 @@ returns: a list of groups (lists of UMIs), the group's representative
 ("top") UMI first. The UMIs of one group are one molecule; the number of
 groups is the number of molecules.
 
-Methods (edit distance = Hamming distance, threshold 1):
+Methods (edit distance = Hamming distance, at most ``threshold``, 1 by default):
 
 - ``unique``: every UMI is its own group.
 - ``percentile``: UMIs with a count above 1% of the median count are kept,
@@ -24,7 +24,8 @@ members are ordered by count, ties alphabetically, exactly as umi_tools
 orders them, so the representative UMI is the same.
 
 The work per call is small (one position, or one gene of one cell); the
-code aims at being clearly the same algorithm as umi_tools', not fast.
+code aims at being clearly the same algorithm as umi_tools', not fast: it is
+the reference the C kernel (bamflow.kernels.umi) is tested against.
 UMIs of different lengths are never neighbours (umi_tools asserts that
 all UMIs of a bundle have one length; here they simply do not join).
 """
@@ -40,11 +41,19 @@ METHODS = ("unique", "percentile", "cluster", "adjacency", "directional")
 U = TypeVar("U", str, bytes)  # a UMI
 
 
-def hamming_neighbours(umis: Sequence[U]) -> dict[U, set[U]]:
-    """Every UMI's neighbours at Hamming distance exactly 1 (same length only)."""
+def hamming_neighbours(umis: Sequence[U], threshold: int = 1) -> dict[U, set[U]]:
+    """Every UMI's neighbours at Hamming distance 1 to ``threshold`` (same length only)."""
     neighbours: dict[U, set[U]] = {u: set() for u in umis}
     n = len(umis)
-    if n < 2:
+    if n < 2 or threshold < 1:
+        return neighbours
+    if threshold > 1:  # compare all pairs
+        for i in range(n):
+            for j in range(i + 1, n):
+                a, b = umis[i], umis[j]
+                if len(a) == len(b) and sum(x != y for x, y in zip(a, b, strict=True)) <= threshold:
+                    neighbours[a].add(b)
+                    neighbours[b].add(a)
         return neighbours
     length = len(umis[0])
     if n * n <= 8 * n * max(length, 1):
@@ -104,9 +113,10 @@ def _by_count(umis: list[U], counts: Mapping[U, int]) -> list[U]:
     return sorted(umis, key=lambda u: counts[u], reverse=True)
 
 
-def cluster_umis(counts: Mapping[U, int], method: str = "directional") -> list[list[U]]:
+def cluster_umis(counts: Mapping[U, int], method: str = "directional", threshold: int = 1) -> list[list[U]]:
     """Group the UMIs of ``counts`` (UMI → reads) as umi_tools' UMIClusterer does
-    with ``threshold=1``; each group's representative UMI comes first."""
+    with ``threshold`` (its --edit-distance-threshold); each group's
+    representative UMI comes first."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
     umis = list(counts)
@@ -117,10 +127,10 @@ def cluster_umis(counts: Mapping[U, int], method: str = "directional") -> list[l
     if method == "percentile":
         if len(umis) == 1:
             return [umis]
-        threshold = statistics.median(counts.values()) / 100
-        return [[u] for u in umis if counts[u] > threshold]
+        cutoff = statistics.median(counts.values()) / 100
+        return [[u] for u in umis if counts[u] > cutoff]
 
-    neighbours = hamming_neighbours(umis)
+    neighbours = hamming_neighbours(umis, threshold)
     if method == "directional":
         edges = {a: {b for b in nbrs if counts[a] >= 2 * counts[b] - 1} for a, nbrs in neighbours.items()}
         observed: set[U] = set()
@@ -158,6 +168,6 @@ def cluster_umis(counts: Mapping[U, int], method: str = "directional") -> list[l
     return groups
 
 
-def count_molecules(counts: Mapping[U, int], method: str = "directional") -> int:
+def count_molecules(counts: Mapping[U, int], method: str = "directional", threshold: int = 1) -> int:
     """The number of UMI groups (molecules) among ``counts``."""
-    return len(cluster_umis(counts, method))
+    return len(cluster_umis(counts, method, threshold))
