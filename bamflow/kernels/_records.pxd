@@ -16,7 +16,7 @@
 # The tiny helpers are here in full (``cdef inline``: compiled into each
 # kernel); the rest is called through Cython's C-API capsule.
 
-from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 
 cdef enum:
@@ -100,6 +100,7 @@ cdef struct Scratch:
 
 cdef int scratch_reserve(Scratch *s, Py_ssize_t more) except -1
 cdef int scratch_put(Scratch *s, const void *data, Py_ssize_t n) except -1
+cdef int scratch_put_decimal(Scratch *s, int64_t v) except -1
 cdef void scratch_free(Scratch *s) noexcept
 
 

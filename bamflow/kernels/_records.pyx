@@ -26,6 +26,7 @@ from libc.string cimport memchr, memcmp, memcpy, memmove, strlen
 from bamflow.kernels._bgzf cimport BgzfBlock, bgzf_check_end, bgzf_inflate, bgzf_scan
 from bamflow.kernels._io cimport io_read, io_wait
 from bamflow.kernels._posixio cimport fnv1a64, pipe_backlog
+from bamflow.kernels._tables cimport AUX_FIXED
 
 if sys.byteorder != "little":  # BamCore is read in place
     raise ImportError("bamflow's kernels need a little-endian machine")
@@ -76,6 +77,29 @@ cdef int scratch_put(Scratch *s, const void *data, Py_ssize_t n) except -1:
     return 0
 
 
+cdef int scratch_put_decimal(Scratch *s, int64_t v) except -1:
+    """Append v in decimal (as SAM text writes an integer)."""
+    cdef uint8_t digits[20]
+    cdef int k = 0
+    cdef uint64_t u = <uint64_t> v
+    scratch_reserve(s, 21)
+    if v < 0:
+        s.data[s.used] = 45  # '-'
+        s.used += 1
+        u = (<uint64_t> 0) - u  # (INT64_MIN too)
+    while True:
+        digits[k] = <uint8_t> (48 + u % 10)
+        k += 1
+        u //= 10
+        if u == 0:
+            break
+    while k > 0:
+        k -= 1
+        s.data[s.used] = digits[k]
+        s.used += 1
+    return 0
+
+
 cdef void scratch_free(Scratch *s) noexcept:
     free(s.data)
     s.data = NULL
@@ -122,15 +146,6 @@ cdef Py_ssize_t aux_value_size(const uint8_t *tv, const uint8_t *end) noexcept n
         total = 5 + <uint64_t> elem * u32(tv + 2)
         return <Py_ssize_t> total if total <= <uint64_t> room else -2
     return -1
-
-
-# bytes of an aux value by its type byte: fixed sizes; 0 for Z, H, B (measured); -1 not a type
-cdef signed char AUX_FIXED[256]
-for _t in range(256):
-    AUX_FIXED[_t] = -1
-for _t, _n in ((b"A", 1), (b"c", 1), (b"C", 1), (b"s", 2), (b"S", 2), (b"i", 4), (b"I", 4), (b"f", 4),
-               (b"Z", 0), (b"H", 0), (b"B", 0)):
-    AUX_FIXED[_t[0]] = _n
 
 
 cdef const uint8_t *_aux_walk(const uint8_t *p, const uint8_t *end, const uint16_t *codes, int n_want,
@@ -197,10 +212,7 @@ cdef int tag_key(Scratch *out, const uint8_t *tv) except -3:
     cdef uint8_t typ = tv[0]
     cdef const uint8_t *v = tv + 1
     cdef int64_t x
-    cdef uint64_t ux
     cdef Py_ssize_t n
-    cdef uint8_t digits[24]
-    cdef int k
     if typ == b'Z' or typ == b'H':
         n = <Py_ssize_t> strlen(<const char *> v)  # the record check found its NUL
         if n == 0:
@@ -224,24 +236,7 @@ cdef int tag_key(Scratch *out, const uint8_t *tv) except -3:
         x = u32(v)
     else:
         return KEY_BAD_TYPE
-    scratch_reserve(out, 21)
-    if x < 0:
-        out.data[out.used] = 45  # '-'
-        out.used += 1
-        ux = <uint64_t> (-x)
-    else:
-        ux = <uint64_t> x
-    k = 0
-    while True:
-        digits[k] = <uint8_t> (48 + ux % 10)
-        k += 1
-        ux //= 10
-        if ux == 0:
-            break
-    while k > 0:
-        k -= 1
-        out.data[out.used] = digits[k]
-        out.used += 1
+    scratch_put_decimal(out, x)
     return KEY_FOUND
 
 

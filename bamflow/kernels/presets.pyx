@@ -15,6 +15,7 @@ from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, qsort, realloc
 from libc.string cimport memcmp, memcpy, strlen
 
+from bamflow.kernels._tables cimport BASE2, SEQ_NT16, pack2
 from bamflow.kernels._io cimport OutBuf, OutBufs, out_flush, out_put
 from bamflow.kernels._posixio cimport fnv1a64
 from bamflow.kernels._records cimport (
@@ -25,26 +26,6 @@ from bamflow.kernels._records cimport (
 
 cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object, Py_ssize_t *) except NULL
-
-# "=ACMGRSVTWYHKDBN" → 4-bit codes; everything else is N (15)
-cdef uint8_t SEQ_CODE[256]
-cdef int _i
-for _i in range(256):
-    SEQ_CODE[_i] = 15
-for _i, _c in enumerate(list(b"=ACMGRSVTWYHKDBN")):
-    SEQ_CODE[_c] = _i
-    if 65 <= _c <= 90:
-        SEQ_CODE[_c + 32] = _i
-
-# A C G T → 0 1 2 3; anything else 255
-cdef uint8_t BASE2[256]
-for _i in range(256):
-    BASE2[_i] = 255
-BASE2[ord("A")] = 0
-BASE2[ord("C")] = 1
-BASE2[ord("G")] = 2
-BASE2[ord("T")] = 3
-
 
 # -- tag: FASTQ pairs → unmapped BAM records -----------------------------------------
 
@@ -142,9 +123,9 @@ def fastq_pairs_to_bam(list r1s, list r2s, list cb_segs, list umi_segs, Py_ssize
             p[36 + id2] = 0
             p += 36 + lname
             for k in range(0, l2 - 1, 2):
-                p[k >> 1] = (SEQ_CODE[<uint8_t> s2[k]] << 4) | SEQ_CODE[<uint8_t> s2[k + 1]]
+                p[k >> 1] = (SEQ_NT16[<uint8_t> s2[k]] << 4) | SEQ_NT16[<uint8_t> s2[k + 1]]
             if l2 & 1:
-                p[l2 >> 1] = SEQ_CODE[<uint8_t> s2[l2 - 1]] << 4
+                p[l2 >> 1] = SEQ_NT16[<uint8_t> s2[l2 - 1]] << 4
             p += (l2 + 1) // 2
             for k in range(l2):
                 ch = <uint8_t> q2[k]
@@ -459,16 +440,10 @@ cdef class Whitelist:
 
     def __contains__(self, bytes barcode):
         cdef const uint8_t *s = barcode
-        cdef Py_ssize_t i, l = len(barcode)
+        cdef Py_ssize_t l = len(barcode)
         cdef uint64_t code = 0
-        cdef uint8_t b
-        if l != self.length:
+        if l != self.length or not pack2(s, l, &code):
             return False
-        for i in range(l):
-            b = BASE2[s[i]]
-            if b == 255:
-                return False
-            code = (code << 2) | b
         return self._has(code)
 
     def neighbors(self, bytes barcode):

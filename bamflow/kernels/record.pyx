@@ -41,6 +41,7 @@ from libc.stdint cimport (
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memmove, memset
 
+from bamflow.kernels._tables cimport AUX_FIXED, SEQ_LETTERS, SEQ_NT16
 from bamflow.kernels._io cimport OutBuf, OutBufs, out_flush, out_put
 from bamflow.kernels._records cimport (
     FIXED_SIZE, GOT_FRAME, KEY_FOUND, MAX_RECORD, MAX_TAGS, NEED_MORE, STREAM_END, BamCore, Rec, RecordReader,
@@ -65,27 +66,14 @@ cdef enum:
 
 # -- tables --------------------------------------------------------------------------------
 
-cdef const char *SEQ_LETTERS = b"=ACMGRSVTWYHKDBN"
 cdef const char *CIGAR_LETTERS = b"MIDNSHP=XB"
-cdef uint8_t SEQ_CODE[256]             # htslib's seq_nt16_table
 cdef uint16_t PAIR_TEXT[256]           # a packed byte -> its two letters
-cdef signed char AUX_SIZE[256]         # bytes of a fixed-size aux value, 0 for Z H B, -1 not a type
 cdef char ARRAY_TYPECODE[256]          # B subtype -> array.array typecode
 
 for _i in range(256):
-    SEQ_CODE[_i] = 15
-    AUX_SIZE[_i] = -1
     ARRAY_TYPECODE[_i] = 0
-for _i, _c in enumerate("=ACMGRSVTWYHKDBN"):
-    SEQ_CODE[ord(_c)] = _i
-    SEQ_CODE[ord(_c.lower())] = _i
-for _c, _i in zip("0123Uu", (1, 2, 4, 8, 8, 8)):
-    SEQ_CODE[ord(_c)] = _i
 for _i in range(256):
     PAIR_TEXT[_i] = <uint16_t> SEQ_LETTERS[_i >> 4] | (<uint16_t> SEQ_LETTERS[_i & 15] << 8)
-for _c, _n in (("A", 1), ("c", 1), ("C", 1), ("s", 2), ("S", 2), ("i", 4), ("I", 4), ("f", 4),
-               ("Z", 0), ("H", 0), ("B", 0)):
-    AUX_SIZE[ord(_c)] = _n
 for _c, _a in (("c", "b"), ("C", "B"), ("s", "h"), ("S", "H"), ("i", "i"), ("I", "I"), ("f", "f")):
     ARRAY_TYPECODE[ord(_c)] = ord(_a)
 
@@ -290,7 +278,7 @@ cdef bytes encode_tag(uint16_t code, object value, object value_type):
         if b"\0" in text:
             raise ValueError(f"a string tag value cannot hold a NUL character: {value!r}")
         return (<const char *> head)[:3] + text + b"\0"
-    out = PyBytes_FromStringAndSize(NULL, 3 + AUX_SIZE[typ])
+    out = PyBytes_FromStringAndSize(NULL, 3 + AUX_FIXED[typ])
     encode_fixed(<uint8_t *> PyBytes_AS_STRING(out), code, value, typ)
     return out
 
@@ -321,7 +309,7 @@ _INT_RANGES = {ord("c"): (INT8_MIN, 127, "int8_t"), ord("C"): (0, UINT8_MAX, "ui
 
 
 cdef int encode_fixed(uint8_t *out, uint16_t code, object value, uint8_t typ) except -1:
-    """Write the aux field of a fixed-size value (3 + AUX_SIZE[typ] bytes) at
+    """Write the aux field of a fixed-size value (3 + AUX_FIXED[typ] bytes) at
     ``out``; values that do not fit raise as pysam's conversions do
     (OverflowError; TypeError for what is not a number)."""
     cdef float f
@@ -337,7 +325,7 @@ cdef int encode_fixed(uint8_t *out, uint16_t code, object value, uint8_t typ) ex
                                 f"value too small to convert to {name}")
         if x > high:
             raise OverflowError(f"value too large to convert to {name}")
-        memcpy(out + 3, &x, AUX_SIZE[typ])  # little-endian: the low bytes
+        memcpy(out + 3, &x, AUX_FIXED[typ])  # little-endian: the low bytes
     out[0] = code & 0xFF
     out[1] = code >> 8
     out[2] = typ
@@ -970,15 +958,10 @@ cdef class Record:
     @property
     def cigarstring(self):
         """The CIGAR as text (``"90M"``), or None without CIGAR."""
-        cdef uint32_t n, k, v
-        cdef const uint8_t *ops = self._cigar(&n)
-        if n == 0:
+        ops = self.cigartuples
+        if ops is None:
             return None
-        parts = []
-        for k in range(n):
-            v = u32(ops + 4 * k)
-            parts.append(f"{v >> 4}{chr(CIGAR_LETTERS[v & 0xF]) if (v & 0xF) < 10 else '?'}")
-        return "".join(parts)
+        return "".join([f"{length}{chr(CIGAR_LETTERS[op]) if op < 10 else '?'}" for op, length in ops])
 
     @cigarstring.setter
     def cigarstring(self, cigar):
@@ -1023,7 +1006,7 @@ cdef class Record:
         s = <const uint8_t *> PyBytes_AS_STRING(raw)
         memset(p, 0, (l + 1) // 2)
         for k in range(l):
-            p[k >> 1] |= SEQ_CODE[s[k]] << (4 * (1 - (k & 1)))
+            p[k >> 1] |= SEQ_NT16[s[k]] << (4 * (1 - (k & 1)))
         memset(p + (l + 1) // 2, 0xFF, l)
         self._core().l_seq = <uint32_t> l
         self.edited = True
@@ -1171,7 +1154,7 @@ cdef class Record:
         if typ:  # an int or a float: encoded here, no Python object
             encode_fixed(fixed, code, value, typ)
             data = fixed
-            length = 3 + AUX_SIZE[typ]
+            length = 3 + AUX_FIXED[typ]
         else:
             field = encode_tag(code, value, value_type)
             data = <const uint8_t *> PyBytes_AS_STRING(field)
@@ -1812,7 +1795,7 @@ cdef class BatchKernel:
                     raise ValueError(f"tag {name}: {floats.shape[0]} values for a batch of {n} records")
                 specs[k].floats = &floats[0]
                 keep_alive.append(floats)
-            elif AUX_SIZE[specs[k].typ] > 0 and specs[k].typ != b'A':
+            elif AUX_FIXED[specs[k].typ] > 0 and specs[k].typ != b'A':
                 ints = values
                 if ints.shape[0] != n:
                     raise ValueError(f"tag {name}: {ints.shape[0]} values for a batch of {n} records")
@@ -1851,7 +1834,7 @@ cdef class BatchKernel:
                 if specs[k].typ == b'Z':
                     new_size += 4 + _padded_length(specs[k].strings, i, specs[k].width)
                 else:
-                    new_size += 3 + AUX_SIZE[specs[k].typ]
+                    new_size += 3 + AUX_FIXED[specs[k].typ]
             if new_size > MAX_RECORD:
                 raise ValueError(f"record {i} of the batch would be {new_size} bytes, more than BAM allows")
             put_u32(head, new_size)
@@ -1876,7 +1859,7 @@ cdef class BatchKernel:
                 elif specs[k].typ == b'f':
                     out_put(out, <const char *> &specs[k].floats[i], 4)
                 else:  # little-endian: the low bytes of the int64 first
-                    out_put(out, <const char *> &specs[k].ints[i], AUX_SIZE[specs[k].typ])
+                    out_put(out, <const char *> &specs[k].ints[i], AUX_FIXED[specs[k].typ])
             written += 1
         return written
 
