@@ -57,8 +57,9 @@ from ..engine import progress
 from ..engine.errors import WorkflowError
 from ..engine.publish import Publication
 from ..engine.workflow import merge_counts
+from ..kernels.umi import count_molecules
 from .dedup import by_cell, gather
-from .umi import METHODS, cluster_umis
+from .umi import METHODS
 
 log = logging.getLogger("bamflow")
 
@@ -210,7 +211,7 @@ def qc_worker(
     reads_per_umi: dict[int, int] = {}
     for cell, c in cells.items():
         genes = umis.pop(cell, {})
-        molecules = {gene: len(cluster_umis(u, method)) for gene, u in genes.items()}
+        molecules = {gene: count_molecules(u, method) for gene, u in genes.items()}
         for u in genes.values():
             for k in u.values():
                 reads_per_umi[k] = reads_per_umi.get(k, 0) + 1
