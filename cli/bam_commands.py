@@ -12,18 +12,13 @@ from typing import Annotated, Any
 import typer
 
 from .common import (
-    BUCKETS,
-    CLUSTER,
     FORCE,
     INPUT,
-    PARTITIONS,
-    SCRATCH,
     Common,
     Tally,
     _existing_file,
     _per_output,
     _written_to,
-    cluster_options,
     command,
     folder_output,
     output_option,
@@ -32,7 +27,7 @@ from .common import (
 )
 
 
-@command("Example: bamflow shard --by CB in.bam   (16 shards in in.shards/)")
+@command("Example: bamflow shard --by CB in.bam   (16 shards in in.shards/)", cluster=True)
 def shard(
     input: Annotated[str, INPUT],
     output: Annotated[Path | None, output_option("Folder for the shards (created if missing). Default: INPUT.shards")] = None,
@@ -41,10 +36,6 @@ def shard(
     missing: str = typer.Option("unassigned", "--missing", help="Reads without the tag: unassigned (own file), drop, error."),
     prefix: str = typer.Option("shard", "--prefix", help="Shard file names: PREFIX_000.bam …"),
     force: bool = FORCE,
-    cluster: str | None = CLUSTER,
-    partitions: int | None = PARTITIONS,
-    buckets: int | None = BUCKETS,
-    scratch: Path | None = SCRATCH,
     *,
     common: Common,
 ) -> None:
@@ -74,12 +65,11 @@ def shard(
 
     common.run(
         shard_bam, input, folder, by=by, n=n, missing=missing, prefix=prefix, force=force, tally=_per_output,
-        **cluster_options(cluster, partitions, buckets, scratch),
         key_numbers=key_numbers, output=folder if output is None else None,
     )
 
 
-@command("Example: bamflow split --by CB --min-reads 100 in.bam   (one BAM per cell in in.cells/)")
+@command("Example: bamflow split --by CB --min-reads 100 in.bam   (one BAM per cell in in.cells/)", cluster=True)
 def split(
     input: Annotated[str, INPUT],
     output: Annotated[
@@ -97,10 +87,6 @@ def split(
     memory: int = typer.Option(256, "--memory-mb", min=1, help="Record buffers shared by the workers, MB."),
     prefix: str = typer.Option("", "--prefix", help="Prefix of every output file name."),
     force: bool = FORCE,
-    cluster: str | None = CLUSTER,
-    partitions: int | None = PARTITIONS,
-    buckets: int | None = BUCKETS,
-    scratch: Path | None = SCRATCH,
     *,
     common: Common,
 ) -> None:
@@ -124,7 +110,7 @@ def split(
         return {"files": result["files"], "manifest": result.get("manifest")}
 
     options = dict(by=by, values=barcodes, groups=groups, min_reads=min_reads, memory_budget=memory << 20, prefix=prefix,
-                   force=force, **cluster_options(cluster, partitions, buckets, scratch))
+                   force=force)
     common.run(split_reads, input, folder, workers=workers, **options, tally=tally, key_numbers=key_numbers,
                output=folder if output is None else None)
 

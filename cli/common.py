@@ -165,14 +165,20 @@ def output_option(help: str) -> Any:
     return typer.Option("-o", "--output", help=help)
 
 
-CLUSTER = typer.Option(
-    None, "--cluster", metavar="SPEC",
-    help="Run on a Dask cluster: local:N, tcp://HOST:PORT, or slurm|pbs|sge|lsf:jobs=N,cores=C,memory=M[,queue=Q,…] "
-    "(docs/distributed.md).",
+CLUSTER_OPTIONS = (
+    _shared(
+        "cluster", str | None, None, "--cluster", metavar="SPEC",
+        help="Run on a Dask cluster: local:N, tcp://HOST:PORT, or slurm|pbs|sge|lsf:jobs=N,cores=C,memory=M[,queue=Q,…] "
+        "(docs/distributed.md).",
+    ),
+    _shared("partitions", int | None, None, "--partitions", min=1,
+            help="With --cluster: map tasks (default: the cluster's slots)."),
+    _shared("buckets", int | None, None, "--buckets", min=1, help="With --cluster: reduce tasks, cells hashed over them."),
+    _shared("scratch", Path | None, None, "--scratch",
+            help="With --cluster: a folder every worker shares (default: beside the output)."),
 )
-PARTITIONS = typer.Option(None, "--partitions", min=1, help="With --cluster: map tasks (default: the cluster's slots).")
-BUCKETS = typer.Option(None, "--buckets", min=1, help="With --cluster: reduce tasks, cells hashed over them.")
-SCRATCH = typer.Option(None, "--scratch", help="With --cluster: a folder every worker shares (default: beside the output).")
+"""The options of the commands that also run on a cluster (``command(cluster=True)``),
+before the shared ones; the command gets them, checked, as ``common.cluster``."""
 
 
 def cluster_options(cluster: str | None, partitions: int | None, buckets: int | None, scratch: Path | None) -> dict[str, Any]:
@@ -336,6 +342,7 @@ class Common:
     debug: bool
     level: int | str | None = None
     timeout: float | None = None
+    cluster: dict[str, Any] = field(default_factory=dict)
     console: Console = field(default_factory=lambda: Console(stderr=True), repr=False)
     _display: ProgressDisplay | ClusterDisplay | None = field(default=None, init=False, repr=False)
 
@@ -368,6 +375,7 @@ class Common:
             accepts = set(settings)  # a wrapper that passes everything on
         shared = {"threads": self.threads, "level": self.level, "command_line": _command_line(), "timeout": self.timeout}
         kwargs.update({key: value for key, value in shared.items() if key in accepts})
+        kwargs.update(self.cluster)
         input = os.fspath(args[0])
         total = os.path.getsize(input) if input != "-" and os.path.isfile(input) else None
         started = time.monotonic()
@@ -478,22 +486,30 @@ def _publish_stats(path: Path, stats: dict[str, Any]) -> None:
         publication.commit()
 
 
-def command(epilog: str, *, name: str | None = None, level: bool = True) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """Register a command: its own parameters, then the shared options (``level=False``: no
-    --level, for the commands whose function takes no compression level). The function gets its
-    own arguments and, as ``common``, the shared ones in a :class:`Common`."""
+def command(
+    epilog: str, *, name: str | None = None, level: bool = True, cluster: bool = False
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register a command: its own parameters, then (``cluster=True``) the
+    :data:`CLUSTER_OPTIONS`, then the shared options (``level=False``: no
+    --level, for the commands whose function takes no compression level). The
+    function gets its own arguments and, as ``common``, the shared ones in a
+    :class:`Common` (the cluster's in ``common.cluster``, which ``common.run``
+    passes on)."""
 
     def register(func: Callable[..., None]) -> Callable[..., None]:
         shared = [p for p in SHARED if level or p.name != "level"]
+        on_cluster = list(CLUSTER_OPTIONS) if cluster else []
         own = [p for p in inspect.signature(func, eval_str=True).parameters.values() if p.name != "common"]
         command_name = name or func.__name__
 
         @functools.wraps(func)
         def with_common(**arguments: Any) -> None:
             options = {p.name: arguments.pop(p.name) for p in shared}
+            if cluster:
+                options["cluster"] = cluster_options(*(arguments.pop(p.name) for p in on_cluster))
             func(**arguments, common=Common(command_name, **options))
 
-        with_common.__signature__ = inspect.Signature(own + shared)  # type: ignore[attr-defined]
+        with_common.__signature__ = inspect.Signature(own + on_cluster + shared)  # type: ignore[attr-defined]
         app.command(name=command_name, epilog=epilog)(with_common)
         return func
 

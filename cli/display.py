@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from rich import box
 from rich.console import Console, Group, RenderableType
@@ -543,86 +543,22 @@ def stage_dicts(board: Board, whole_run: bool = False) -> list[dict[str, Any]]:
     return out
 
 
-class ProgressDisplay:
-    """Callable for ``on_progress``; use as a context manager around the run.
+D = TypeVar("D", bound="LiveDisplay")
 
-    ``mode``: "live" (redrawn on every snapshot), "log" (a short line every few
+
+class LiveDisplay:
+    """What the displays share: ``on_progress`` around a run in one of four modes.
+
+    ``mode``: "live" (redrawn on every update), "log" (a short line every few
     seconds), "json" (an object a line, about once a second) or "none".
-    ``total_bytes`` (the input's size, if known) gives the fraction and ETA.
+    Subclasses turn what ``on_progress`` gets into a state and say how a state
+    looks: :meth:`render` (live), :meth:`line` (log), :meth:`progress_object`
+    (json).
     """
 
-    def __init__(self, console: Console, mode: str, total_bytes: int | None, title: str,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.console = console
-        self.mode = mode
-        self.title = title
-        self.board = Board(total_bytes, clock)
-        self.clock = clock
-        self._last_line = self.board.started
-        self._live: Live | None = None
+    json_at_exit = False  # also write the last state's object when the run ends
 
-    @property
-    def started(self) -> float:
-        return self.board.started
-
-    def __enter__(self) -> ProgressDisplay:
-        if self.mode == "live":
-            self._live = Live(console=self.console, auto_refresh=False, transient=False, vertical_overflow="crop")
-            self._live.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._live is not None:
-            self._live.update(self.render(), refresh=True)
-            self._live.__exit__(None, None, None)
-            self._live = None
-
-    def __call__(self, snapshot: Sequence[JobProgress]) -> None:
-        self.board.update(snapshot)
-        now = self.clock()
-        if self._live is not None:
-            self._live.update(self.render(), refresh=True)
-        elif self.mode == "log" and now - self._last_line >= LOG_EVERY:
-            self._last_line = now
-            self.console.print(log_line(self.board, self.title), highlight=False, soft_wrap=True, markup=False)
-        elif self.mode == "json" and now - self._last_line >= JSON_EVERY:
-            self._last_line = now
-            self.emit(self.progress_object())
-
-    def render(self) -> RenderableType:
-        width, height = self.console.size
-        return render_live(self.board, self.title, width, height)
-
-    def progress_object(self) -> dict[str, Any]:
-        fraction = self.board.fraction()
-        eta = self.board.eta_seconds(fraction)
-        return {
-            "event": "progress",
-            "command": self.title,
-            "elapsed": round(self.board.elapsed, 3),
-            "fraction": None if fraction is None else round(fraction, 4),
-            "eta": None if eta is None else round(eta, 1),
-            "bottleneck": self.board.bottleneck,
-            "stages": stage_dicts(self.board),
-        }
-
-    def emit(self, obj: dict[str, Any]) -> None:
-        self.console.file.write(json.dumps(obj, default=str) + "\n")
-        self.console.file.flush()
-
-
-# -- a run on a Dask cluster ------------------------------------------------------------------
-
-
-class ClusterDisplay:
-    """``on_progress`` of a run on a Dask cluster (a
-    :class:`bamflow.distributed.ClusterProgress`): per phase the tasks done,
-    running and failed; per Dask worker its throughput. Modes as
-    :class:`ProgressDisplay`."""
-
-    board = None  # (no stages of one machine to summarise)
-
-    def __init__(self, console: Console, mode: str, title: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, console: Console, mode: str, title: str, clock: Callable[[], float]) -> None:
         self.console = console
         self.mode = mode
         self.title = title
@@ -631,7 +567,7 @@ class ClusterDisplay:
         self._live: Live | None = None
         self._latest: Any = None
 
-    def __enter__(self) -> ClusterDisplay:
+    def __enter__(self: D) -> D:
         if self.mode == "live":
             self._live = Live(console=self.console, auto_refresh=False, transient=False, vertical_overflow="crop")
             self._live.__enter__()
@@ -643,22 +579,94 @@ class ClusterDisplay:
                 self._live.update(self.render(self._latest), refresh=True)
             self._live.__exit__(None, None, None)
             self._live = None
-        elif self.mode == "json" and self._latest is not None:  # the last state, however short the run
-            self.console.file.write(json.dumps(self.progress_object(self._latest), default=str) + "\n")
-            self.console.file.flush()
+        elif self.mode == "json" and self.json_at_exit and self._latest is not None:  # however short the run
+            self.emit(self.progress_object(self._latest))
 
-    def __call__(self, progress: Any) -> None:
-        self._latest = progress
+    def show(self, state: Any) -> None:
+        """Show ``state`` as the mode says (log and json lines at most every few seconds)."""
+        self._latest = state
         now = self.clock()
         if self._live is not None:
-            self._live.update(self.render(progress), refresh=True)
+            self._live.update(self.render(state), refresh=True)
         elif self.mode == "log" and now - self._last_line >= LOG_EVERY:
             self._last_line = now
-            self.console.print(self.line(progress), highlight=False, soft_wrap=True, markup=False)
+            self.console.print(self.line(state), highlight=False, soft_wrap=True, markup=False)
         elif self.mode == "json" and now - self._last_line >= JSON_EVERY:
             self._last_line = now
-            self.console.file.write(json.dumps(self.progress_object(progress), default=str) + "\n")
-            self.console.file.flush()
+            self.emit(self.progress_object(state))
+
+    def emit(self, obj: dict[str, Any]) -> None:
+        self.console.file.write(json.dumps(obj, default=str) + "\n")
+        self.console.file.flush()
+
+    def render(self, state: Any) -> RenderableType:
+        raise NotImplementedError
+
+    def line(self, state: Any) -> str:
+        raise NotImplementedError
+
+    def progress_object(self, state: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class ProgressDisplay(LiveDisplay):
+    """``on_progress`` of a run on this machine (its jobs' snapshots); use as
+    a context manager around the run. ``total_bytes`` (the input's size, if
+    known) gives the fraction and ETA. Modes as :class:`LiveDisplay`."""
+
+    def __init__(self, console: Console, mode: str, total_bytes: int | None, title: str,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(console, mode, title, clock)
+        self.board = Board(total_bytes, clock)
+        self._last_line = self.board.started
+        self._latest = self.board
+
+    @property
+    def started(self) -> float:
+        return self.board.started
+
+    def __call__(self, snapshot: Sequence[JobProgress]) -> None:
+        self.board.update(snapshot)
+        self.show(self.board)
+
+    def render(self, board: Board) -> RenderableType:
+        width, height = self.console.size
+        return render_live(board, self.title, width, height)
+
+    def line(self, board: Board) -> str:
+        return log_line(board, self.title)
+
+    def progress_object(self, board: Board) -> dict[str, Any]:
+        fraction = board.fraction()
+        eta = board.eta_seconds(fraction)
+        return {
+            "event": "progress",
+            "command": self.title,
+            "elapsed": round(board.elapsed, 3),
+            "fraction": None if fraction is None else round(fraction, 4),
+            "eta": None if eta is None else round(eta, 1),
+            "bottleneck": board.bottleneck,
+            "stages": stage_dicts(board),
+        }
+
+
+# -- a run on a Dask cluster ------------------------------------------------------------------
+
+
+class ClusterDisplay(LiveDisplay):
+    """``on_progress`` of a run on a Dask cluster (a
+    :class:`bamflow.distributed.ClusterProgress`): per phase the tasks done,
+    running and failed; per Dask worker its throughput. Modes as
+    :class:`LiveDisplay`."""
+
+    board = None  # (no stages of one machine to summarise)
+    json_at_exit = True
+
+    def __init__(self, console: Console, mode: str, title: str, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(console, mode, title, clock)
+
+    def __call__(self, progress: Any) -> None:
+        self.show(progress)
 
     def line(self, progress: Any) -> str:
         """One short log line: the phase running, its tasks, the workers' rate."""

@@ -8,16 +8,12 @@ from typing import Annotated, Any
 import typer
 
 from .common import (
-    BUCKETS,
     CELL_TAG,
-    CLUSTER,
     FORCE,
     GENE_NAME_TAG,
     GENE_TAG,
     INPUT,
     METHOD,
-    PARTITIONS,
-    SCRATCH,
     SHARDED_WORKERS,
     TAGGED_INPUT,
     UMI_TAG,
@@ -25,7 +21,6 @@ from .common import (
     _counted,
     _existing_file,
     _written_to,
-    cluster_options,
     command,
     folder_output,
     input_argument,
@@ -56,7 +51,7 @@ def tag_fastq(
     common.run(tag, read1, read2, output, layout=layout, sample=sample, tally=_written_to(output))
 
 
-@command("Example: bamflow correct --whitelist 3M-february-2018.txt.gz in.bam -o corrected.bam")
+@command("Example: bamflow correct --whitelist 3M-february-2018.txt.gz in.bam -o corrected.bam", cluster=True)
 def correct(
     input: Annotated[str, input_argument("BAM with raw barcodes (CR, qualities in CY).")],
     output: Annotated[str | None, output_option(f"BAM with corrected barcodes (CB) {STREAM_OUTPUT}.")] = None,
@@ -64,10 +59,6 @@ def correct(
         ..., "--whitelist", callback=_existing_file, help="Barcode whitelist, one per line (gzip ok)."
     ),
     workers: int = workers_option(),
-    cluster: str | None = CLUSTER,
-    partitions: int | None = PARTITIONS,
-    buckets: int | None = BUCKETS,
-    scratch: Path | None = SCRATCH,
     *,
     common: Common,
 ) -> None:
@@ -81,7 +72,6 @@ def correct(
         return {key: result[key] for key in keys if key in result}
 
     common.run(correct_barcodes, input, output, whitelist=whitelist, workers=workers, tally=_written_to(output),
-               **cluster_options(cluster, partitions, buckets, scratch),
                key_numbers=key_numbers)
 
 

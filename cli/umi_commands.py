@@ -17,6 +17,7 @@ import typer
 
 from .common import (
     CELL_TAG,
+    FORCE,
     METHOD,
     SHARDED_WORKERS,
     Common,
@@ -135,7 +136,7 @@ def _umi_arguments(umi: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-@command("Example: bamflow dedup --method directional in.bam -o dedup.bam")
+@command("Example: bamflow dedup --method directional in.bam -o dedup.bam", cluster=True)
 @umi_options()
 def dedup(
     input: Annotated[str, input_argument("Coordinate-sorted BAM; - for stdin.")],
@@ -155,12 +156,15 @@ def dedup(
     from bamflow.presets.dedup import dedup as dedup_reads
 
     output = stream_output(output)
+    if common.cluster and output == "-":
+        raise typer.BadParameter("with --cluster the output is a file: give -o OUT.bam", param_hint="'-o' / '--output'")
     common.run(dedup_reads, input, output, workers=workers, mark=mark, umi_whitelist=umi_whitelist,
                output_stats=output_stats, no_sort_output=no_sort_output, **_umi_arguments(given),
-               tally=_written_to(output), key_numbers=lambda r: {"kept": r["kept"], "mates": r["mates"], "workers": r["workers"]})
+               tally=_written_to(output),
+               key_numbers=lambda r: {"kept": r["kept"], "mates": r["mates"], "workers": r.get("workers", "-")})
 
 
-@command("Example: bamflow count --gene-tag GX in.bam -o counts/", level=False)
+@command("Example: bamflow count --gene-tag GX in.bam -o counts/", level=False, cluster=True)
 @umi_options(skip=COUNT_SKIPS)
 def count(
     input: Annotated[str, input_argument("BAM with cell, UMI and gene tags; - for stdin.")],
@@ -173,6 +177,7 @@ def count(
     min_umis: int | None = typer.Option(None, "--min-umis", min=1, help="Only cells with at least N UMIs."),
     wide_format_cell_counts: bool = typer.Option(False, "--wide-format-cell-counts", help="counts.tsv as genes × cells."),
     formats: str = typer.Option("mtx,tsv,h5ad", "--formats", help="Outputs: any of mtx, tsv, h5ad (comma-separated)."),
+    force: bool = FORCE,
     workers: int = workers_option(SHARDED_WORKERS),
     *,
     common: Common,
@@ -187,7 +192,7 @@ def count(
         formats = "tsv"
     common.run(count_umis, input, folder, gene_tag=gene_tag, name_tag=name_tag, cells=cells, min_umis=min_umis,
                wide_format_cell_counts=wide_format_cell_counts, formats=tuple(f for f in formats.split(",") if f),
-               workers=workers, **options, tally=_counted,
+               force=force, workers=workers, **options, tally=_counted,
                key_numbers=lambda r: {"molecules": r["molecules"], "genes": r["genes"], "cells": r.get("cells", "-")},
                output=folder if output is None else None)
 

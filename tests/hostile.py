@@ -125,8 +125,8 @@ STRUCTURAL = [truncated, corrupt_block, empty, not_bam, plain_gzip, refid_past_r
 
 def float_key(folder: Path) -> tuple[Path, str]:
     recs = good_records(20)
-    recs.append(bamgen.record("f", ref_id=0, pos=500, flag=0, cigar=[(4, "M")], seq="ACGT", tags=[("CB", "f", 1.5), ("UB", "Z", "AAAA"),
-                                                                                       ("GX", "Z", "G1")]))
+    recs.append(bamgen.record("f", ref_id=0, pos=500, flag=0, cigar=[(4, "M")], seq="ACGT",
+                              tags=[("CB", "f", 1.5), ("UB", "Z", "AAAA"), ("GX", "Z", "G1")]))
     return write(folder, "floatkey.bam", bgzf(header() + b"".join(recs))), "float"
 
 

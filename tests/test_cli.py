@@ -289,7 +289,7 @@ def test_every_command_takes_the_shared_options():
     for command in COMMANDS:
         params = options_of(command)
         names = list(params)
-        shared = ["threads", "level", "stats", "quiet", "progress", "debug"]
+        shared = ["threads", "level", "stats", "quiet", "progress", "debug", "timeout"]
         if command in WITHOUT_LEVEL:
             shared.remove("level")
         assert names[-len(shared) :] == shared, (command, names)  # after the command's own, in this order
@@ -298,6 +298,7 @@ def test_every_command_takes_the_shared_options():
         assert params["quiet"].opts == ["-q", "--quiet"] and params["quiet"].default is False
         assert params["progress"].opts == ["--progress"] and params["progress"].default == "auto"
         assert params["debug"].opts == ["--debug"] and params["debug"].default is False
+        assert params["timeout"].opts == ["--timeout"] and params["timeout"].default is None
         if "level" in params:
             assert params["level"].opts == ["--level"] and params["level"].default is None
         assert params["output"].opts[:2] == ["-o", "--output"]  # (dedup and count add umi_tools' -S/--stdout)
@@ -309,7 +310,7 @@ def test_every_command_takes_the_shared_options():
             assert params["workers"].opts == ["-w", "--workers"]
             assert params["workers"].default == (1 if command == "histogram" else 2)
         help_text = runner.invoke(app, [command, "--help"]).output
-        for flag in ("--threads", "--stats", "--quiet", "--progress", "--debug", "--output"):
+        for flag in ("--threads", "--stats", "--quiet", "--progress", "--debug", "--timeout", "--output"):
             assert flag in help_text, (command, flag)
         assert ("--level" in help_text) == (command not in WITHOUT_LEVEL)
 

@@ -129,7 +129,8 @@ def test_a_wrong_tag_name_fails_naming_the_tags_seen(tmp_path, name, args):
     (tmp_path / "list.txt").write_text("x\n")
     out = tmp_path / "out"
     args = [str(tmp_path / "list.txt") if a == "LIST" else a for a in args] + ["-q", "-o"]
-    args += [str(out / "result.txt")] if name == "histogram" else [str(out / "result.bam")] if name == "filter" else [str(out / "dir")]
+    single = {"histogram": "result.txt", "filter": "result.bam"}
+    args += [str(out / single.get(name, "dir"))]
     check_failed_cleanly(name, [*args, str(src)], tmp_path, "tag XB is on none of 300 reads; tags seen: CB GN GX UB")
 
 
@@ -215,8 +216,9 @@ def test_sort_order_says_unsorted_when_the_order_changes(tmp_path):
 # -- output folders --------------------------------------------------------------------------
 
 def test_a_folder_with_an_earlier_run_is_refused_then_replaced_whole_with_force(tmp_path):
-    import bamflow
     import pysam
+
+    import bamflow
 
     src = hostile.good(tmp_path)
     out = tmp_path / "shards"
@@ -353,6 +355,19 @@ def test_force_on_the_command_line(tmp_path):
     assert status == 0, lines
     assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == [
         "manifest.tsv", "shard_000.bam", "shard_001.bam", "unassigned.bam"]
+
+
+def test_count_claims_its_folder_as_shard_does(tmp_path):
+    """count's folder: an earlier run's tables are refused, then replaced whole
+    with --force (no stale table of a format no longer asked for)."""
+    example = os.path.join(os.path.dirname(__file__), "..", "test_data", "example.bam")
+    out = tmp_path / "counts"
+    assert run_isolated(["count", "-q", "--formats", "mtx,tsv", "-o", str(out), example], tmp_path)[0] == 0
+    status, lines, _, _ = run_isolated(["count", "-q", "--formats", "tsv", "-o", str(out), example], tmp_path)
+    assert status == 1 and len(lines) == 1 and "use --force" in lines[0]
+    status, lines, _, _ = run_isolated(["count", "-q", "--formats", "tsv", "--force", "-o", str(out), example], tmp_path)
+    assert status == 0, lines
+    assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == ["counts.tsv"]
 
 
 def test_timeout_on_the_command_line_stops_a_stalled_run(tmp_path):
