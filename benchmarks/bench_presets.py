@@ -242,6 +242,7 @@ def systems(workload: str, inp: str, work: str, prep: dict) -> list[tuple[str, b
                             src,
                             "-o",
                             o(f"bf_count{sfx}"),
+                            "--force",
                             "--progress",
                             "none",
                             "--stats",
@@ -510,11 +511,11 @@ def umi_commands(inp: str, work: str, samtools: str) -> dict[str, list[str]]:
     tag = ["--extract-umi-method=tag", "--umi-tag=UB", "--cell-tag=CB", "--per-cell"]
     return {
         "samtools view -@2 -u": [samtools, "view", "-@2", "-u", inp, "-o", "/dev/null"],
-        "bamflow count -w 2": bf("count", "--gene-tag", "GX", "--formats", "tsv", "-w", "2", inp, "-o", o("u_count2"),
+        "bamflow count -w 2": bf("count", "--gene-tag", "GX", "--formats", "tsv", "-w", "2", inp, "-o", o("u_count2"), "--force",
                                  "--stats", o("u_count2.json")),
-        "bamflow count -w 1": bf("count", "--gene-tag", "GX", "--formats", "tsv", "-w", "1", inp, "-o", o("u_count1"),
+        "bamflow count -w 1": bf("count", "--gene-tag", "GX", "--formats", "tsv", "-w", "1", inp, "-o", o("u_count1"), "--force",
                                  "--stats", o("u_count1.json")),
-        "bamflow count -w 2 (mtx,tsv,h5ad)": bf("count", "--gene-tag", "GX", "-w", "2", inp, "-o", o("u_count_all"),
+        "bamflow count -w 2 (mtx,tsv,h5ad)": bf("count", "--gene-tag", "GX", "-w", "2", inp, "-o", o("u_count_all"), "--force",
                                                 "--stats", o("u_count_all.json")),
         "umi_tools count": [UMI_TOOLS, "count", "--per-gene", "--gene-tag=GX", *tag, "-I", inp, "-S", o("u_ut_counts.tsv"),
                             "--random-seed=1", "-L", o("u_ut_count.log")],
@@ -603,7 +604,7 @@ def run_umi_workload(args, work: str, log) -> tuple[dict, str]:
     if args.big:
         o = lambda name: os.path.join(work, name)  # noqa: E731
         for name, cmd in (("count -w 2", [BAMFLOW, "count", "--gene-tag", "GX", "--formats", "tsv", "-w", "2", args.big,
-                                          "-o", o("u_big_count"), "--progress", "none"]),
+                                          "-o", o("u_big_count"), "--force", "--progress", "none"]),
                           ("dedup -w 2", [BAMFLOW, "dedup", args.big, "-o", o("u_big_dedup.bam"), "-w", "2", "--progress",
                                           "none"])):
             m = measure(cmd, 3600)
@@ -754,7 +755,7 @@ def main(argv=None) -> int:
         jobs = {}
         for w, cli in (
             ("dedup", ["dedup", "--method", "directional", args.input, "-o", o("js_dedup.bam"), "--progress", "none"]),
-            ("count", ["count", "--gene-tag", "GX", args.input, "-o", o("js_count"), "--progress", "none"]),
+            ("count", ["count", "--gene-tag", "GX", args.input, "-o", o("js_count"), "--force", "--progress", "none"]),
         ):
             if w not in wl:
                 continue
