@@ -18,10 +18,10 @@ arguments plus ``cluster=`` (``local:N``, ``tcp://HOST:PORT``,
 (``dask[distributed]``, ``dask-jobqueue``); importing this package does not.
 """
 
+from ..bam.partition import Partition, Plan, plan_partitions
 from .api import ClusterArgs, correct, count, dedup, shard, split_reads
 from .cluster import ClusterSpec, ClusterSpecError, connect, job_script, parse_cluster
 from .executor import ClusterProgress, DistributedError, PhaseProgress, WorkerProgress
-from .partition import Partition, Plan, plan_partitions
 
 __all__ = [
     "ClusterArgs",

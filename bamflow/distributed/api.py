@@ -40,6 +40,7 @@ from typing import Any
 from ..bam.bgzf import detect_format
 from ..bam.header import BamHeader
 from ..bam.header import command_line as process_command_line
+from ..bam.partition import Plan, plan_partitions
 from ..bam.workflow import refuse_overwrite, require_tags
 from ..engine.errors import WorkflowError
 from ..engine.publish import Publication
@@ -47,7 +48,6 @@ from ..engine.workflow import merge_counts
 from . import tasks
 from .cluster import cluster_slots, connect
 from .executor import ClusterProgress, Run
-from .partition import Plan, plan_partitions
 
 log = logging.getLogger("bamflow")
 
@@ -384,7 +384,7 @@ def range_keys(run: Run, plan: Plan, ranges: int | None) -> list[int]:
     one per partition when the cluster's workers are on more than one host,
     else none: on one machine a single merge uses every core already), taken
     from where the input's partitions start."""
-    from .partition import key_at
+    from ..bam.partition import key_at
 
     if ranges is None:
         ranges = len(plan.partitions) if run.multi_host else 1
@@ -396,7 +396,7 @@ def range_keys(run: Run, plan: Plan, ranges: int | None) -> list[int]:
 
 
 def _header_of(path: str) -> bytes:
-    from .partition import layout_of
+    from ..bam.partition import layout_of
 
     return layout_of(path).header
 

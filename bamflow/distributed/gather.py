@@ -16,8 +16,8 @@ from contextlib import ExitStack
 from typing import Any
 
 from ..bam.bgzf import BLOCK_SIZE, EOF_BLOCK, compress_block
+from ..bam.partition import Layout, layout_of, read_block
 from ..engine.errors import WorkflowError
-from .partition import Layout, layout_of, read_block
 
 
 def copy_range(src: int, dst: int, offset: int, length: int) -> int:

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..bam.options import CollectOptions, DistributeOptions, EncodeOptions
+from ..bam.partition import Partition, VOffset, read_partition, split_points
 from ..bam.stages import collect_records, distribute_records
 from ..bam.workflow import BamWorkflow
 from ..engine.errors import WorkflowError
@@ -42,7 +43,6 @@ from ..engine.fifo import FIFO
 from ..engine.publish import Publication
 from .executor import TaskContext
 from .gather import concat_bams, concat_raw
-from .partition import Partition, VOffset, read_partition, split_points
 
 UNASSIGNED = "unassigned.bam"
 #: how a task's workflows start their processes: a Dask worker's own default

@@ -34,11 +34,11 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
-from ..bam.bgzf import EOF_BLOCK, BgzfError, BgzfReader, detect_format
-from ..bam.header import BamFormatError, BamHeader
 from ..engine import progress
 from ..engine.files import fd_of, write_all
 from ..kernels._bgzf import inflate_block, scan_block
+from .bgzf import EOF_BLOCK, BgzfError, BgzfReader, detect_format
+from .header import BamFormatError, BamHeader
 
 log = logging.getLogger("bamflow")
 
