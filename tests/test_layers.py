@@ -70,3 +70,11 @@ def test_the_checks_see_imports():
     found = imported_modules(ROOT / "bam" / "workflow.py")
     assert "bamflow.engine.workflow" in found and "bamflow.bam.stages" in found
     assert is_bam_or_presets("bamflow.kernels.bam") and not is_bam_or_presets("bamflow.kernels.lines")
+
+
+@pytest.mark.parametrize("path", sorted([*(ROOT / "bam").glob("*.py"), *(ROOT / "presets").glob("*.py")]),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_bam_layer_and_presets_import_nothing_distributed(path):
+    """bamflow.distributed sits above both: what they share with it (partitions) lives in the BAM layer."""
+    bad = sorted(m for m in imported_modules(path) if m.startswith("bamflow.distributed"))
+    assert not bad, f"{path.name} imports {bad}"

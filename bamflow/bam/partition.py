@@ -21,6 +21,12 @@ same way, so a stale index is never trusted blindly.
 file's header and then the records of its range as one raw BAM stream, which
 the normal stages (distribute, encode, the presets' kernels) read as they
 read any decoded BAM.
+
+:func:`plan_regions` cuts a coordinate-sorted, indexed file at reference
+starts instead, balanced by the index's read counts per reference: the
+UMI presets' workers each read whole references this way (no bundle spans
+two of them). This module is the BAM layer's; ``bamflow.distributed``'s
+map tasks use it too.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import os
 import struct
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import progress
@@ -333,6 +339,9 @@ class IndexOffsets:
     kind: str
     offsets: list[VOffset]  # record starts (and ends) the index names, sorted
     records: int | None  # mapped + unmapped + without coordinate, when the index says
+    # per reference, from its pseudo-bin: (records, first record, end of its records); None: no pseudo-bin
+    refs: list[tuple[int, VOffset, VOffset] | None] = field(default_factory=list)
+    no_coordinate: int | None = None  # reads without a coordinate (at the end of the file)
 
 
 def _voffset(v: int) -> VOffset:
@@ -362,11 +371,13 @@ def _parse_bins(data: bytes, p: int, *, csi: bool, pseudo: int) -> IndexOffsets:
     found: set[int] = set()
     records = 0
     complete = True
+    refs: list[tuple[int, VOffset, VOffset] | None] = []
     bin_head = struct.Struct("<IQi" if csi else "<Ii")
     for _ in range(n_ref):
         (n_bin,) = struct.unpack_from("<i", data, p)
         p += 4
         has_pseudo = False
+        refs.append(None)
         for _ in range(n_bin):
             head = bin_head.unpack_from(data, p)
             p += bin_head.size
@@ -376,6 +387,7 @@ def _parse_bins(data: bytes, p: int, *, csi: bool, pseudo: int) -> IndexOffsets:
             if head[0] == pseudo:
                 has_pseudo = True
                 records += chunks[2] + chunks[3]  # n_mapped, n_unmapped
+                refs[-1] = (chunks[2] + chunks[3], _voffset(chunks[0]), _voffset(chunks[1]))  # ref_beg, ref_end
                 continue
             found.update(chunks)
             if csi and head[1]:
@@ -386,11 +398,14 @@ def _parse_bins(data: bytes, p: int, *, csi: bool, pseudo: int) -> IndexOffsets:
             found.update(v for v in struct.unpack_from(f"<{n_intv}Q", data, p) if v)
             p += 8 * n_intv
         complete = complete and (has_pseudo or n_bin == 0)
+    no_coordinate = None
     if p + 8 <= len(data):
-        records += struct.unpack_from("<Q", data, p)[0]  # reads without a coordinate
+        no_coordinate = struct.unpack_from("<Q", data, p)[0]  # reads without a coordinate
+        records += no_coordinate
     else:
         complete = False
-    return IndexOffsets("csi" if csi else "bai", [_voffset(v) for v in sorted(found)], records if complete else None)
+    return IndexOffsets("csi" if csi else "bai", [_voffset(v) for v in sorted(found)], records if complete else None,
+                        refs, no_coordinate)
 
 
 def find_index(path: str) -> str | None:
@@ -487,6 +502,95 @@ def _nearest(candidates: list[VOffset], target: int, tolerance: float) -> VOffse
             if best is None or abs(candidates[j][0] - target) < abs(best[0] - target):
                 best = candidates[j]
     return best
+
+
+@dataclass
+class RegionPlan:
+    """A coordinate-sorted, indexed file cut at reference starts: partition i
+    holds references ``refs[i]`` (first, last + 1) whole, ``records[i]``
+    records as the index counts them; the last one also holds the reads
+    without a coordinate."""
+
+    layout: Layout
+    partitions: list[Partition]
+    refs: list[tuple[int, int]]
+    records: list[int]
+    source: str
+
+    @property
+    def total(self) -> int:
+        return sum(self.records)
+
+
+def plan_regions(path: str, k: int) -> tuple[RegionPlan | None, str]:
+    """Cut a coordinate-sorted BAM with an index into at most ``k`` partitions of
+    whole references, balanced by the index's record counts per reference.
+
+    Returns (plan, "") or (None, why not): not a regular BGZF file, not
+    ``@HD SO:coordinate``, no index not older than the file, an index without
+    record counts or of another file (its offsets are checked against the
+    records found there), or fewer than two references with reads."""
+    if k < 2:
+        return None, "one worker"
+    try:
+        if not os.path.isfile(path):
+            return None, "the input is not a regular file"
+        layout = layout_of(path)
+    except (OSError, BamFormatError, BgzfError) as e:
+        return None, f"not read by parts ({e})"
+    header, _ = BamHeader.from_bytes(layout.header, path)
+    if header.sort_order != "coordinate":
+        return None, "the input is not coordinate-sorted (@HD SO)"
+    index_path = find_index(path)
+    if index_path is None:
+        return None, "no index (.bai/.csi) not older than the input"
+    try:
+        index = read_index(index_path)
+    except (OSError, ValueError, struct.error, BgzfError) as e:
+        return None, f"{index_path} is not a usable index ({e})"
+    if index.records is None or len(index.refs) != layout.n_ref:
+        return None, f"{index_path} has no record counts for this file's references"
+    with_reads = [(r, ref) for r, ref in enumerate(index.refs) if ref is not None and ref[0] > 0]
+    if len(with_reads) < 2:
+        return None, "fewer than two references hold reads"
+    counts = [ref[0] for _, ref in with_reads]
+    counts[-1] += index.no_coordinate or 0
+    total = sum(counts)
+    # cut before with_reads[b] for each target: the prefix sum nearest to total * i / k, increasing
+    prefix = [0]
+    for c in counts:
+        prefix.append(prefix[-1] + c)
+    cuts: list[int] = []
+    for i in range(1, k):
+        low = cuts[-1] + 1 if cuts else 1
+        if low >= len(counts):
+            break
+        b = min(range(low, len(counts)), key=lambda j: abs(prefix[j] - total * i / k))
+        cuts.append(b)
+    cuts = sorted(set(cuts))
+    end: VOffset = (layout.data_end, 0)
+    with open(path, "rb") as f:
+        begins = []
+        for b in [0, *cuts]:
+            r, (_, beg, _) = with_reads[b]
+            if not _index_split_ok(f, beg, layout):
+                return None, f"{index_path} names {beg} for reference {r}, where no record starts"
+            begin = normalize(f, beg, layout.data_end, path)
+            if begin != layout.first and b == 0:
+                return None, f"{index_path}: its first reference does not start at the first record"
+            if b and key_at(path, begin) >> 32 != r:
+                return None, f"{index_path}: the record at {begin} is not on reference {r}"
+            if b and normalize(f, with_reads[b - 1][1][2], layout.data_end, path) != begin:
+                return None, f"{index_path}: reference {r} does not start where the one before it ends"
+            begins.append(begin)
+    bounds = [*begins, end]
+    firsts = [with_reads[b][0] for b in [0, *cuts]]
+    lasts = [with_reads[b - 1][0] + 1 for b in cuts] + [layout.n_ref]
+    edges = [0, *cuts, len(counts)]
+    parts = [Partition(path, i, a, z) for i, (a, z) in enumerate(zip(bounds, bounds[1:], strict=False))]
+    return RegionPlan(layout, parts, list(zip(firsts, lasts, strict=True)),
+                      [prefix[b] - prefix[a] for a, b in zip(edges, edges[1:], strict=False)],
+                      f"index (.{index.kind})"), ""
 
 
 # -- coordinates ------------------------------------------------------------------------------------
@@ -627,6 +731,7 @@ __all__ = [
     "Layout",
     "Partition",
     "Plan",
+    "RegionPlan",
     "VOffset",
     "chain_ok",
     "layout_of",
@@ -634,6 +739,7 @@ __all__ = [
     "parse_csi",
     "partition_bytes",
     "plan_partitions",
+    "plan_regions",
     "position_key",
     "read_partition",
     "record_ok",

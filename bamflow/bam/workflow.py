@@ -8,7 +8,10 @@ plus the BAM stages (``bamflow.Workflow`` is this class).
 command that shards reads over worker processes (map_reads, map_reduce,
 dedup, count, qc, correct, split): it returns the handles of the jobs it
 added, and :meth:`Scatter.check_flow` checks that every stage passed on
-what it got.
+what it got. :meth:`BamWorkflow.regions` is the other shape, for an
+indexed coordinate-sorted file (:func:`~bamflow.bam.partition.plan_regions`)::
+
+    read_partition_i ─▶ worker_i  (i < N) ─▶ [collect_bam ─▶ BAM_writer]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ..engine.workflow import Workflow, _as_output
 from . import stages
 from .bgzf import EOF_BLOCK
 from .options import CollectOptions, DecodeOptions, DistributeOptions, EncodeOptions
+from .partition import RegionPlan, read_partition
 
 # FIFO specs are immutable: safe as defaults
 BAM_READER_OUTPUT = FIFO("input_bam", "wb")
@@ -242,6 +246,48 @@ class BamWorkflow(Workflow):
                        passes_unassigned=writes and pass_unassigned and unassigned_worker is not None,
                        key_tags=distribute.by if distribute.by_tags else ())
 
+    def regions(
+        self,
+        plan: RegionPlan,
+        worker: Callable[..., Any],
+        *,
+        worker_kwargs: dict[str, Any] | None = None,
+        threads: int = 1,
+        output: str | os.PathLike[str] | None = None,
+        collect: CollectOptions = CollectOptions("coordinate"),
+        encode: EncodeOptions = EncodeOptions(),
+    ) -> Regions:
+        """Each partition of ``plan`` (whole references) read by its own job
+        (BGZF inflated in ``threads`` threads) straight into its own worker,
+        no decode or distribute process; with ``output`` the workers' streams
+        are collected (the parts are disjoint and in coordinate order) and
+        encoded. Workers are called as in :meth:`scatter`."""
+        path = plan.partitions[0].path
+        refuse_overwrite([path], output)
+        writes = output is not None
+        readers = []
+        for part in plan.partitions:
+            self.add_job(func=read_partition, job_name="{workflow}.partition{n}", output=FIFO(f"part{part.index}", "wb"),
+                         partition=part, header=plan.layout.header, threads=threads)
+            readers.append(self.last[0])
+        n = len(plan.partitions)
+        self.workers(
+            input=FIFO("part{n}", "rb"),
+            output=FIFO("mapped{n}", "wb") if writes else None,
+            func=worker,
+            n=n,
+            manage_fifos=False,
+            **(worker_kwargs or {}),
+        )
+        worker_jobs = list(self.last)
+        collector = writer = None
+        if writes:
+            self.collect_bam(inputs=FIFO("mapped{n}", "rb", n=n), output=FIFO("collected", "wb"), options=collect)
+            collector = self.last[0]
+            self.BAM_writer(input=FIFO("collected", "rb"), output=output, options=encode)
+            writer = self.last[0]
+        return Regions(plan, readers, worker_jobs, collector, writer)
+
 
 @dataclass
 class Scatter:
@@ -297,6 +343,56 @@ class Scatter:
         tag others carry are the workers' counted drops."""
         dist = w.result(self.distributor)
         require_tags(tags, dist["records"], dist["tags_seen"])
+
+
+@dataclass
+class Regions:
+    """Handles of the jobs :meth:`BamWorkflow.regions` added; checked as a
+    :class:`Scatter` is (``check_flow``, ``require_tags``), with the workers'
+    own counts: each worker read every byte its partition's reader wrote,
+    and as many reads as the index counts on its references."""
+
+    plan: RegionPlan
+    readers: list[Job]
+    workers: list[Job]
+    collector: Job | None
+    writer: Job | None
+    unassigned: Job | None = None
+    flow: dict[str, Any] = field(default_factory=dict)
+
+    def check_flow(self, w: Workflow) -> dict[str, Any]:
+        read = w.result(self.readers)
+        per_worker = w.result(self.workers)
+        problems = []
+        for i, (r, got, want) in enumerate(zip(read, per_worker, self.plan.records, strict=True)):
+            if r["bytes"] + r["header_bytes"] != got["bytes"]:
+                problems.append(f"partition {i}: {r['bytes'] + r['header_bytes']} bytes read, {got['bytes']} taken by "
+                                f"its worker")
+            if got["reads_in"] != want:
+                lo, hi = self.plan.refs[i]
+                problems.append(f"partition {i} (references {lo}-{hi - 1}): {got['reads_in']} reads, its index counts "
+                                f"{want}")
+        reads_in = sum(r["reads_in"] for r in per_worker)
+        flow: dict[str, Any] = {"reads_in": reads_in, "dealt": reads_in, "per_worker": per_worker}
+        if self.collector is not None:
+            collected = w.result(self.collector)["records"]
+            written = [r.get("written") for r in per_worker]
+            if None not in written and sum(written) != collected:
+                problems.append(f"{sum(written)} records written by the workers, {collected} collected")
+            encoded = w.result(self.writer)["records"] if self.writer is not None else collected
+            if encoded != collected:
+                problems.append(f"{collected} records collected, {encoded} written out")
+            flow["collected"] = collected
+        if problems:
+            raise WorkflowError("reads do not add up between stages: " + "; ".join(problems))
+        self.flow = flow
+        return flow
+
+    def require_tags(self, w: Workflow, tags: Iterable[str]) -> None:
+        """As :meth:`Scatter.require_tags`, from the tags the workers saw (``note_tags``)."""
+        per_worker = w.result(self.workers)
+        seen = {t for r in per_worker for t in r.get("tags_seen", ())}
+        require_tags(tags, sum(r["reads_in"] for r in per_worker), seen)
 
 
 def require_tags(tags: Iterable[str], reads: int, tags_seen: Iterable[str]) -> None:

@@ -1285,7 +1285,7 @@ cdef class UmiKernel:
         if self.det:
             self.t_det = _want(names, ("NH", "X0", "XT")[self.det - 1])
         self.tags = Tags(names)
-        self.reader = RecordReader(in_fd, source, False, progress, buffer_size)
+        self.reader = RecordReader(in_fd, source, False, progress, buffer_size, bool(config.get("note_tags", False)))
         if out_fd >= 0:
             fds.append(out_fd)
         if tsv_fd >= 0:
@@ -2885,7 +2885,10 @@ cdef class UmiKernel:
             "draws": self.draws,
             "sorted": self.sorted_input,
             "tsv_rows": self.tsv.records if self.tsv != NULL else 0,
+            "bytes": self.reader.bytes_read,
         }
+        if self.reader.seen_tags != NULL:
+            result["tags_seen"] = self.reader.tags_seen
         if self.mode == MODE_COUNT:
             result.update(
                 genes=self.genes.values(),

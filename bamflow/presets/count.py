@@ -4,6 +4,8 @@
     decode ─▶ distribute by CB ─▶ UMI kernel × N   (count: per (cell, gene) bundle, molecules in arrays)
                   └─(no CB)─▶ unassigned kernel    (counts why)
 
+    or, indexed and coordinate-sorted:  read partition i (whole references) ─▶ UMI kernel i
+
 The kernel (:class:`bamflow.kernels.umi.UmiKernel`, mode ``count``) bundles
 reads as umi_tools' ``get_bundles`` does with ``--per-gene``: per reference,
 gene (``gene_tag``, or the reference with ``per_contig``) and cell,
@@ -107,13 +109,14 @@ def count(
         stats.update(reads_in=reads_in, counted=merged.get("counted", 0),
                      dropped=dict(sorted(merged.get("dropped", {}).items())),
                      molecules_all_bundles=merged.get("molecules", 0), overwritten=merged.get("overwritten", 0),
-                     workers=run.workers, per_worker=per_worker)
+                     workers=run.workers, sharding=run.sharding, per_worker=per_worker)
         books(stats, "counted", "counted")
 
     with Publication() as pub:
         pub.claim_folder(out, force=force, inputs=[input])  # before the pass: a bad folder fails at once
         run.w.run(timeout=timeout, on_progress=on_progress, check=check, publication=pub)
         table = CountTable.merge(stats.pop("per_worker"), opts.per_cell)
+        stats["overwritten"] += table.overwritten
         stats["per_worker"] = [{k: v for k, v in r.items() if k not in RESULT_ARRAYS} for r in run.w.result(run.jobs.workers)]
         stats.update(table.write(pub, out, formats, listed, min_umis, wide_format_cell_counts))
         pub.commit()
@@ -155,10 +158,15 @@ class CountTable:
         self.gene_idx, self.cell_idx, self.counts = gene_idx, cell_idx, counts
         self.names, self.per_cell = names, per_cell
 
+    overwritten = 0  # (gene, cell) counts of an earlier worker replaced by a later one's
+
     @classmethod
     def merge(cls, per_worker: list[dict[str, Any]], per_cell: bool) -> CountTable:
-        """Map each worker's gene and cell numbers to sorted global ones (a
-        cell is in one worker only; genes are shared)."""
+        """Map each worker's gene and cell numbers to sorted global ones. Workers
+        by cell share genes; workers by region (whole references, in order)
+        share cells, and a gene on references of two workers (secondary
+        alignments) keeps the later worker's count per cell, as one worker
+        keeps the last reference's."""
         import numpy as np
 
         results = [r for r in per_worker if "genes" in r]
@@ -177,7 +185,17 @@ class CountTable:
             cn.append(entries[:, 2].astype(np.int64))
             for g, name in r["names"].items():
                 names.setdefault(g, name)
-        return cls(genes, cells, _joined(gi), _joined(ci), _joined(cn), names, per_cell)
+        g, c, n = _joined(gi), _joined(ci), _joined(cn)
+        overwritten = 0
+        if per_cell and len(results) > 1 and len(g):
+            key = g * (len(cells) + 1) + (c + 1)
+            _, last = np.unique(key[::-1], return_index=True)  # the last entry of each (gene, cell)
+            keep = np.sort(len(key) - 1 - last)
+            overwritten = len(key) - len(keep)
+            g, c, n = g[keep], c[keep], n[keep]
+        table = cls(genes, cells, g, c, n, names, per_cell)
+        table.overwritten = overwritten
+        return table
 
     def write(self, pub: Publication, out: str, formats: Sequence[str], listed: list[str] | None, min_umis: int | None,
               wide: bool) -> dict[str, Any]:

@@ -5,8 +5,12 @@
                   │   └─(no CB)─▶ unassigned kernel ─────▲ (counts why; passes reads on in mark mode)
                   └────────────── header ─────────────────┘
 
+or, for an indexed coordinate-sorted file (by region, see :func:`run_umi`)::
+
+    read partition i (whole references) ─▶ UMI kernel i  (i < N) ─▶ collect (coordinate) ─▶ encode ─▶ out.bam
+
 Each worker runs :class:`bamflow.kernels.umi.UmiKernel` on its share (whole
-cells): umi_tools' bundles (``get_bundles``: cell, reference, 5' position
+cells, or whole references): umi_tools' bundles (``get_bundles``: cell, reference, 5' position
 including soft clips, strand, …; or gene), its five clustering methods and
 its choice of the representative read, in C. This module also holds what
 ``count`` and ``group`` share: :class:`UmiOptions` (umi_tools' options,
@@ -43,7 +47,8 @@ from typing import Any
 from ..bam.header import command_line as process_command_line
 from ..bam.header import read_file_header
 from ..bam.options import CollectOptions, DecodeOptions, DistributeOptions, EncodeOptions, parse_tag
-from ..bam.workflow import BamWorkflow, Scatter
+from ..bam.partition import plan_regions
+from ..bam.workflow import BamWorkflow, Regions, Scatter
 from ..engine import progress
 from ..engine.errors import WorkflowError
 from ..engine.files import open_for_reading, open_for_writing
@@ -177,6 +182,15 @@ class UmiOptions:
             return "random_seed: umi_tools' draws run through all cells in input order"
         return None
 
+    def needs_whole_file(self, mode: str) -> str | None:
+        """Why the reads cannot be split by reference either (None: each worker
+        may take whole references, see :func:`run_umi`)."""
+        if self.paired:
+            return "paired: a mate may be on another reference"
+        if self.random_seed is not None and (mode == "dedup" or self.subset):
+            return "random_seed: umi_tools' draws run through all references in input order"
+        return None
+
     def kernel_config(self, mode: str) -> dict[str, Any]:
         """The options as :class:`bamflow.kernels.umi.UmiKernel` takes them."""
         return dict(
@@ -297,9 +311,10 @@ SUMMED = ("reads_in", "kept", "mates", "singles", "grouped", "counted", "molecul
 """The UMI kernel's counts that add up over workers (the rest are per-worker arrays)."""
 
 
-def gather(w: BamWorkflow, jobs: Scatter, keys: Sequence[str] | None = None) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
-    """(reads in, merged worker results, per-worker results) of a cell-sharded
-    run, after checking that every stage passed on what it got; ``keys``: the
+def gather(w: BamWorkflow, jobs: Scatter | Regions, keys: Sequence[str] | None = None
+           ) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
+    """(reads in, merged worker results, per-worker results) of a sharded run,
+    after checking that every stage passed on what it got; ``keys``: the
     fields to add up (default: all but ``written``)."""
     flow = jobs.check_flow(w)
     per_worker = list(flow["per_worker"]) + ([w.result(jobs.unassigned)] if jobs.unassigned is not None else [])
@@ -317,12 +332,18 @@ def is_coordinate_sorted(path: str) -> bool:
 
 @dataclass
 class UmiRun:
-    """A run of the UMI kernel over a workflow (what :func:`run_umi` built)."""
+    """A run of the UMI kernel over a workflow (what :func:`run_umi` built):
+    ``sharding`` is ``"region"`` (whole references per worker, each read
+    from its own part of the file), ``"cell"`` (whole cells per worker,
+    dealt by one distributor) or ``"one"`` (one worker); ``why`` says why
+    not by region (or not sharded at all)."""
 
     w: BamWorkflow
-    jobs: Scatter
+    jobs: Scatter | Regions
     workers: int
     one_worker_because: str | None
+    sharding: str = "one"
+    why: str | None = None
 
 
 def run_umi(
@@ -343,9 +364,17 @@ def run_umi(
     parts_dir: str | None = None,
     start_method: str | None = None,
 ) -> UmiRun:
-    """Assemble the scatter of UMI kernels for ``mode`` (dedup, count, group):
-    sharded by cell when umi_tools' semantics allow it, else one worker
-    (``one_worker`` or :meth:`UmiOptions.needs_one_worker` says why)."""
+    """Assemble the UMI kernels for ``mode`` (dedup, count, group).
+
+    By region when it can be: an indexed coordinate-sorted file is cut into
+    at most ``workers`` parts of whole references (so that no bundle spans
+    two workers), each read by its own job straight into its own kernel
+    (:meth:`BamWorkflow.regions`). Else sharded by cell when umi_tools'
+    semantics allow it, else one worker. ``one_worker``,
+    :meth:`UmiOptions.needs_whole_file` and
+    :func:`~bamflow.bam.partition.plan_regions` say why not by region,
+    :meth:`UmiOptions.needs_one_worker` why not by cell; the log says which.
+    """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, not {workers}")
     if opts.chrom is not None:
@@ -353,11 +382,30 @@ def run_umi(
         if header is not None and opts.chrom not in [n for n, _ in header.references]:
             raise ValueError(f"chrom {opts.chrom!r} is not a reference of {input}")
     config = {**opts.kernel_config(mode), **(extra or {})}
+    collect = CollectOptions("coordinate" if output is not None and sort_output and is_coordinate_sorted(input)
+                             else "any")
+    encode = EncodeOptions(**({} if level is None else {"level": level}), threads=threads,
+                           command_line=command_line or process_command_line())
+    not_by_region = one_worker or opts.needs_whole_file(mode)
+    if not_by_region is None and workers > 1:
+        plan, not_by_region = plan_regions(input, workers)
+        if plan is not None:
+            n = len(plan.partitions)
+            log.info("%s: %d workers by region (reference numbers: reads %s)", name, n, ", ".join(
+                f"{lo}{'' if hi == lo + 1 else f'-{hi - 1}'}: {reads:,}"
+                for (lo, hi), reads in zip(plan.refs, plan.records, strict=True)))
+            w = BamWorkflow(name, start_method=start_method)
+            jobs: Scatter | Regions = w.regions(
+                plan, umi_worker, worker_kwargs=dict(config={**config, "note_tags": True}, parts=parts_dir),
+                threads=max(1, threads // n), output=output, collect=CollectOptions("coordinate"), encode=encode)
+            return UmiRun(w, jobs, n, None, "region", None)
     why = one_worker or opts.needs_one_worker(mode)
     sharded = why is None and workers > 1
     n = workers if sharded else 1
     if why is not None and workers > 1:
-        log.info("%s: one worker (%s)", name, why)
+        log.info("%s: one worker (%s; not by region: %s)", name, why, not_by_region)
+    elif sharded:
+        log.info("%s: %d workers by cell (not by region: %s)", name, n, not_by_region)
     w = BamWorkflow(name, start_method=start_method)
     jobs = w.scatter(
         input,
@@ -367,15 +415,13 @@ def run_umi(
         worker_kwargs=dict(config=config, parts=parts_dir),
         decode=DecodeOptions(threads),
         output=output,
-        collect=CollectOptions("coordinate" if output is not None and sort_output and is_coordinate_sorted(input)
-                               else "any"),
-        encode=EncodeOptions(**({} if level is None else {"level": level}), threads=threads,
-                             command_line=command_line or process_command_line()),
+        collect=collect,
+        encode=encode,
         unassigned_worker=umi_worker if sharded else None,
         unassigned_kwargs=dict(config={**config, "classify": True}),
         pass_unassigned=pass_unassigned,
     )
-    return UmiRun(w, jobs, n, why)
+    return UmiRun(w, jobs, n, why, "cell" if sharded else "one", why or not_by_region)
 
 
 def books(stats: dict[str, Any], done: str, what: str) -> None:
@@ -459,6 +505,7 @@ def dedup(
             mark=mark,
             method=opts.method,
             workers=run.workers,
+            sharding=run.sharding,
             per_worker=[{k: v for k, v in r.items() if k != "stats"} for r in per_worker],
         )
         books(stats, "kept+mates", "kept")

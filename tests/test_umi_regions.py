@@ -1,0 +1,217 @@
+"""dedup and count by region (docs/presets/dedup_count.md, "Workers"): on an
+indexed coordinate-sorted BAM each worker reads its own references from the
+file. The output equals the one-worker run's, record for record in order;
+every input the region mode cannot serve falls back to the cell-sharded (or
+one-worker) path with the same results; a corrupt input still fails with
+one error and publishes nothing."""
+
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+
+import pysam
+import pytest
+import test_umi_support as support
+from test_reliability import check_failed_cleanly
+
+from bamflow.bam.partition import partition_bytes, plan_regions
+from bamflow.engine.errors import WorkflowError
+from bamflow.presets.count import count
+from bamflow.presets.dedup import dedup
+from bamflow.presets.group import group
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A sorted, indexed BAM on three references (a gene's secondary
+    alignments on two of them), reads without a cell, UMI or gene, and
+    unmapped reads without a coordinate at the end."""
+    folder = tmp_path_factory.mktemp("regions")
+    hdr, reads = support.make_reads(seed=5, molecules=500)
+    return folder, support.write_bam(folder / "in.bam", hdr, reads), hdr, reads
+
+
+def records(path):
+    """The records of a BAM as SAM lines, in file order."""
+    with pysam.AlignmentFile(str(path), check_sq=False) as f:
+        return [r.to_string() for r in f]
+
+
+def content(path):
+    """A table's bytes (decompressed: the gzip header names the temporary file)."""
+    data = path.read_bytes()
+    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+
+
+def test_the_plan_covers_every_record_once_by_whole_references(data):
+    folder, src, _, reads = data
+    for k in (2, 3, 4, 7):
+        plan, why = plan_regions(src, k)
+        assert why == "" and plan is not None
+        assert 2 <= len(plan.partitions) <= min(k, 3)  # never more parts than references with reads
+        assert plan.total == len(reads)
+        assert [p.end for p in plan.partitions[:-1]] == [p.start for p in plan.partitions[1:]]
+        seen = []
+        for part, (lo, hi), want in zip(plan.partitions, plan.refs, plan.records, strict=True):
+            raw = b"".join(partition_bytes(part))
+            got = 0
+            p = 0
+            while p < len(raw):
+                size, ref = int.from_bytes(raw[p:p + 4], "little"), int.from_bytes(raw[p + 4:p + 8], "little", signed=True)
+                assert lo <= ref < hi or (ref == -1 and part is plan.partitions[-1])
+                seen.append(ref)
+                got += 1
+                p += 4 + size
+            assert got == want
+        assert len(seen) == len(reads) and seen[-1] == -1  # the unmapped reads: in the last part
+
+
+@pytest.mark.parametrize("mark", [False, True], ids=["remove", "mark"])
+def test_dedup_by_region_equals_one_worker(data, mark):
+    folder, src, _, _ = data
+    one = dedup(src, folder / f"one{mark}.bam", workers=1, mark=mark)
+    assert one["sharding"] == "one"
+    want = records(folder / f"one{mark}.bam")
+    for n in (2, 3):
+        out = folder / f"regions{n}{mark}.bam"
+        stats = dedup(src, out, workers=n, mark=mark)
+        assert stats["sharding"] == "region" and stats["workers"] == n
+        assert records(out) == want  # the same records in the same order
+        assert {k: stats[k] for k in ("reads_in", "kept", "written", "dropped", "molecules")} == \
+            {k: one[k] for k in ("reads_in", "kept", "written", "dropped", "molecules")}
+
+
+@pytest.mark.parametrize("per_cell", [True, False], ids=["per_cell", "per_gene"])
+def test_count_by_region_equals_one_worker(data, per_cell):
+    folder, src, _, _ = data
+    kw = {} if per_cell else {"per_cell": False, "formats": ["tsv"]}
+    one = count(src, folder / f"c1{per_cell}", workers=1, **kw)
+    assert one["sharding"] == "one"
+    names = sorted(os.listdir(folder / f"c1{per_cell}"))
+    for n in (2, 3):
+        out = folder / f"c{n}{per_cell}"
+        stats = count(src, out, workers=n, **kw)
+        assert stats["sharding"] == "region" and stats["workers"] == n
+        for name in names:
+            if name.endswith(".h5ad"):
+                continue
+            assert content(out / name) == content(folder / f"c1{per_cell}" / name), name
+        for k in ("reads_in", "counted", "dropped", "molecules", "overwritten", "genes"):
+            assert stats[k] == one[k], k
+    if per_cell:
+        assert one["overwritten"] > 0  # the gene on two references: the later one's count, across workers too
+
+
+def test_group_stays_one_worker(data):
+    """UG numbers run through all groups in umi_tools' order: group is not split."""
+    folder, src, _, _ = data
+    stats = group(src, folder / "grouped.bam")
+    assert stats["sharding"] == "one" and stats["workers"] == 1
+
+
+def _fallback(folder, src, name, reason_seen, want_sharding="cell", **kw):
+    """dedup and count of ``src`` with 2 workers do not run by region and give
+    the one-worker results."""
+    one = dedup(src, folder / f"{name}1.bam", workers=1, **kw)
+    two = dedup(src, folder / f"{name}2.bam", workers=2, **kw)
+    assert two["sharding"] == want_sharding, reason_seen
+    assert sorted(records(folder / f"{name}2.bam")) == sorted(records(folder / f"{name}1.bam"))
+    assert two["kept"] == one["kept"] and two["dropped"] == one["dropped"]
+    if kw.get("paired") or kw.get("random_seed") is not None:
+        return
+    c1 = count(src, folder / f"{name}c1", workers=1)
+    c2 = count(src, folder / f"{name}c2", workers=2)
+    assert c2["sharding"] == want_sharding
+    assert (c2["counted"], c2["dropped"], c2["molecules"]) == (c1["counted"], c1["dropped"], c1["molecules"])
+    for table in ("matrix.mtx.gz", "barcodes.tsv.gz", "features.tsv.gz"):
+        assert content(folder / f"{name}c1" / table) == content(folder / f"{name}c2" / table), table
+
+
+def test_unindexed_input_is_sharded_by_cell(data, tmp_path):
+    _, _, hdr, reads = data
+    src = support.write_bam(tmp_path / "plain.bam", hdr, reads, index=False)
+    assert plan_regions(src, 2)[1].startswith("no index")
+    _fallback(tmp_path, src, "plain", "no index")
+
+
+def test_a_stale_index_is_not_used(data, tmp_path):
+    _, src0, hdr, reads = data
+    src = str(tmp_path / "stale.bam")
+    shutil.copy(src0, src)
+    shutil.copy(src0 + ".bai", src + ".bai")
+    os.utime(src + ".bai", (1_000_000, 1_000_000))  # older than the BAM
+    assert plan_regions(src, 2)[1].startswith("no index")
+    _fallback(tmp_path, src, "stale", "stale index")
+
+
+def test_the_index_of_another_file_is_not_trusted(data, tmp_path):
+    _, _, hdr, reads = data
+    other_hdr, other = support.make_reads(seed=9, molecules=120)
+    other_src = support.write_bam(tmp_path / "other.bam", other_hdr, other)
+    src = support.write_bam(tmp_path / "this.bam", hdr, reads, index=False)
+    shutil.copy(other_src + ".bai", src + ".bai")
+    plan, why = plan_regions(src, 2)
+    assert plan is None and why, why
+    _fallback(tmp_path, src, "foreign", why)
+
+
+def test_unsorted_input_is_sharded_by_cell(data, tmp_path):
+    _, _, hdr, reads = data
+    src = support.write_bam(tmp_path / "unsorted.bam", hdr, reads, sort_order="unsorted")
+    assert "coordinate" in plan_regions(src, 2)[1]
+    _fallback(tmp_path, src, "unsorted", "unsorted")
+
+
+def test_random_seed_and_paired_take_one_worker(data, tmp_path):
+    folder, src, _, _ = data
+    _fallback(tmp_path, src, "seeded", "random_seed", want_sharding="one", random_seed=3)
+    hdr, reads = support.make_reads(seed=4, paired=True, molecules=150)
+    paired = support.write_bam(tmp_path / "paired.bam", hdr, reads)
+    _fallback(tmp_path, paired, "paired", "paired", want_sharding="one", paired=True)
+
+
+def test_stdin_is_not_read_by_region(data, tmp_path):
+    folder, src, _, _ = data
+    out = tmp_path / "stdin.bam"
+    code = ("import sys; from bamflow.presets.dedup import dedup; "
+            f"print(dedup('-', {str(out)!r}, workers=2)['sharding'])")
+    with open(src, "rb") as f:
+        done = subprocess.run([sys.executable, "-c", code], stdin=f, capture_output=True, check=True,
+                              env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert done.stdout.decode().split() == ["cell"]
+    dedup(src, tmp_path / "file.bam", workers=1)
+    assert sorted(records(out)) == sorted(records(tmp_path / "file.bam"))
+
+
+def _corrupt_late_block(folder, src0):
+    """A copy of ``src0`` with a byte of its last data block flipped, its index newer."""
+    src = folder / "corrupt.bam"
+    data = bytearray(open(src0, "rb").read())
+    blocks = []
+    p = 0
+    while p < len(data) - 28:
+        blocks.append(p)
+        p += int.from_bytes(data[p + 16:p + 18], "little") + 1
+    last = blocks[-1]
+    data[last + 40] ^= 0xFF
+    src.write_bytes(bytes(data))
+    shutil.copy(src0 + ".bai", str(src) + ".bai")
+    return src
+
+
+def test_a_corrupt_block_in_region_mode_fails_cleanly(tmp_path):
+    hdr, reads = support.make_reads(seed=6, molecules=2000)  # the damage lies past what the plan checks
+    src = _corrupt_late_block(tmp_path, support.write_bam(tmp_path / "big.bam", hdr, reads))
+    plan, why = plan_regions(str(src), 2)
+    assert plan is not None, why  # the damage is past the split points: region mode runs
+    with pytest.raises((WorkflowError, ValueError)):
+        dedup(src, tmp_path / "never.bam", workers=2)
+    assert not (tmp_path / "never.bam").exists()
+    for name, out in (("dedup", "d.bam"), ("count", "counts")):
+        run = tmp_path / name
+        run.mkdir()
+        check_failed_cleanly(name, [name, "-q", "-w", "2", str(src), "-o", str(run / "out" / out)], run, "corrupt.bam")
