@@ -215,3 +215,16 @@ def test_a_corrupt_block_in_region_mode_fails_cleanly(tmp_path):
         run = tmp_path / name
         run.mkdir()
         check_failed_cleanly(name, [name, "-q", "-w", "2", str(src), "-o", str(run / "out" / out)], run, "corrupt.bam")
+
+
+def test_a_csi_index_plans_the_same_parts(data, tmp_path):
+    _, src0, _, _ = data
+    src = str(tmp_path / "csi.bam")
+    shutil.copy(src0, src)
+    pysam.index(src, "-c")
+    assert os.path.exists(src + ".csi") and not os.path.exists(src + ".bai")
+    by_csi, why = plan_regions(src, 3)
+    by_bai, _ = plan_regions(src0, 3)
+    assert why == "" and by_csi.source == "index (.csi)"
+    assert [(p.start, p.end) for p in by_csi.partitions] == [(p.start, p.end) for p in by_bai.partitions]
+    assert by_csi.records == by_bai.records

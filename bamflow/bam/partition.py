@@ -348,22 +348,23 @@ def _voffset(v: int) -> VOffset:
     return v >> 16, v & 0xFFFF
 
 
-def parse_bai(data: bytes) -> IndexOffsets:
-    """Every virtual offset a .bai names, and the record count of its pseudo-bins."""
+def parse_bai(data: bytes, offsets: bool = True) -> IndexOffsets:
+    """Every virtual offset a .bai names (not with ``offsets=False``: the
+    pseudo-bins only), and the record count of its pseudo-bins."""
     if data[:4] != b"BAI\x01":
         raise ValueError("not a .bai index")
-    return _parse_bins(data, 4, csi=False, pseudo=37450)
+    return _parse_bins(data, 4, csi=False, pseudo=37450, offsets=offsets)
 
 
-def parse_csi(data: bytes) -> IndexOffsets:
+def parse_csi(data: bytes, offsets: bool = True) -> IndexOffsets:
     """Every virtual offset a .csi (inflated) names, and its pseudo-bins' record count."""
     if data[:4] != b"CSI\x01":
         raise ValueError("not a .csi index")
     _min_shift, depth, l_aux = struct.unpack_from("<iii", data, 4)
-    return _parse_bins(data, 16 + l_aux, csi=True, pseudo=((1 << ((depth + 1) * 3)) - 1) // 7 + 1)
+    return _parse_bins(data, 16 + l_aux, csi=True, pseudo=((1 << ((depth + 1) * 3)) - 1) // 7 + 1, offsets=offsets)
 
 
-def _parse_bins(data: bytes, p: int, *, csi: bool, pseudo: int) -> IndexOffsets:
+def _parse_bins(data: bytes, p: int, *, csi: bool, pseudo: int, offsets: bool = True) -> IndexOffsets:
     """The references of a .bai (bins, then a linear index) or a .csi (bins with
     their loffset), from ``p`` on: chunk begins and ends and linear offsets."""
     (n_ref,) = struct.unpack_from("<i", data, p)
@@ -382,6 +383,9 @@ def _parse_bins(data: bytes, p: int, *, csi: bool, pseudo: int) -> IndexOffsets:
             head = bin_head.unpack_from(data, p)
             p += bin_head.size
             n_chunk = head[-1]
+            if not offsets and head[0] != pseudo:
+                p += 16 * n_chunk
+                continue
             chunks = struct.unpack_from(f"<{2 * n_chunk}Q", data, p)
             p += 16 * n_chunk
             if head[0] == pseudo:
@@ -395,7 +399,8 @@ def _parse_bins(data: bytes, p: int, *, csi: bool, pseudo: int) -> IndexOffsets:
         if not csi:
             (n_intv,) = struct.unpack_from("<i", data, p)
             p += 4
-            found.update(v for v in struct.unpack_from(f"<{n_intv}Q", data, p) if v)
+            if offsets:
+                found.update(v for v in struct.unpack_from(f"<{n_intv}Q", data, p) if v)
             p += 8 * n_intv
         complete = complete and (has_pseudo or n_bin == 0)
     no_coordinate = None
@@ -421,13 +426,14 @@ def find_index(path: str) -> str | None:
     return None
 
 
-def read_index(path: str) -> IndexOffsets:
+def read_index(path: str, offsets: bool = True) -> IndexOffsets:
+    """The index at ``path``; ``offsets=False``: its pseudo-bins only (counts and reference spans)."""
     with open(path, "rb") as f:
         data = f.read()
     if path.endswith(".csi"):
         with BgzfReader(io.BytesIO(data), threads=0) as reader:
-            return parse_csi(reader.read())
-    return parse_bai(data)
+            return parse_csi(reader.read(), offsets)
+    return parse_bai(data, offsets)
 
 
 # -- plans ------------------------------------------------------------------------------------
@@ -545,7 +551,7 @@ def plan_regions(path: str, k: int) -> tuple[RegionPlan | None, str]:
     if index_path is None:
         return None, "no index (.bai/.csi) not older than the input"
     try:
-        index = read_index(index_path)
+        index = read_index(index_path, offsets=False)
     except (OSError, ValueError, struct.error, BgzfError) as e:
         return None, f"{index_path} is not a usable index ({e})"
     if index.records is None or len(index.refs) != layout.n_ref:
