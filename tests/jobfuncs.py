@@ -237,3 +237,10 @@ def first_ten_reads(reads, out):
         if len(names) == 10:
             break
     return len(names)
+
+
+def late_raw_stream(output, data, delay=0.3):
+    """Write ``data`` (a raw BAM stream) after ``delay`` seconds: a writer that connects late."""
+    time.sleep(delay)
+    output.write(data)
+    return len(data)

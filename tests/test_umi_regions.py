@@ -228,3 +228,28 @@ def test_a_csi_index_plans_the_same_parts(data, tmp_path):
     assert why == "" and by_csi.source == "index (.csi)"
     assert [(p.start, p.end) for p in by_csi.partitions] == [(p.start, p.end) for p in by_bai.partitions]
     assert by_csi.records == by_bai.records
+
+
+def test_spool_and_concat_join_parts_in_order_whatever_connects_first(data, tmp_path):
+    """The join behind a region run's workers: part 1 spooled (its writer
+    connects late), headers after the first skipped, bytes kept in order."""
+    from jobfuncs import late_raw_stream
+
+    from bamflow.bam import stages
+    from bamflow.bam.workflow import BamWorkflow
+    from bamflow.engine.fifo import FIFO
+
+    _, src, _, _ = data
+    plan, _ = plan_regions(src, 2)
+    parts = [plan.layout.header + b"".join(partition_bytes(p)) for p in plan.partitions]
+    w = BamWorkflow("join")
+    w.add_job(func=late_raw_stream, job_name="{workflow}.a{n}", output=FIFO("p0", "wb"), data=parts[0], delay=0.3)
+    w.add_job(func=late_raw_stream, job_name="{workflow}.b{n}", output=FIFO("p1", "wb"), data=parts[1], delay=0.1)
+    w.add_job(func=stages.spool_stream, job_name="{workflow}.spool{n}", input=FIFO("p1", "rb"),
+              output=FIFO("s1", "wb"), folder=str(tmp_path))
+    w.add_job(func=stages.concat_streams, job_name="{workflow}.concat{n}", inputs=[FIFO("p0", "rb"), FIFO("s1", "rb")],
+              output=str(tmp_path / "joined.raw"))
+    w.run(timeout=60)
+    joined = (tmp_path / "joined.raw").read_bytes()
+    assert joined == plan.layout.header + b"".join(b"".join(partition_bytes(p)) for p in plan.partitions)
+    assert os.listdir(tmp_path) == ["joined.raw"]  # the spool file had no name

@@ -277,6 +277,49 @@ def collect_records(
         return Collector(in_fds, out_fd, options, header_fd=header_fd, progress=progress.current().slot).run()
 
 
+def _reading(input: Any, stack: ExitStack) -> Any:
+    """A binary stream to read: a job's managed FIFO as it is (its first read
+    waits for the writer), a path opened here."""
+    if hasattr(input, "read"):
+        return input
+    return stack.enter_context(open(input, "rb", buffering=COPY_BLOCK))
+
+
+def spool_stream(input: Any, output: Any, folder: str | None = None) -> dict[str, Any]:
+    """Take all of ``input`` into an unnamed temporary file (in ``folder``;
+    None: the temporary folder), so that its writer never waits, then pass
+    it on to ``output``: what :func:`concat_streams` reads after the streams
+    before it. Returns {"bytes"}."""
+    import tempfile
+
+    with ExitStack() as stack:
+        source = _reading(input, stack)
+        spool = stack.enter_context(tempfile.TemporaryFile(dir=folder))  # unlinked: gone on any exit
+        total = copy_stream(source, spool.fileno())
+        spool.seek(0)
+        out_fd = fd_of(output, True, stack)
+        if copy_stream(spool, out_fd) != total:
+            raise OSError(f"spool: {total} bytes in, fewer read back")
+        return {"bytes": total}
+
+
+def concat_streams(inputs: list[Any], output: Any) -> dict[str, Any]:
+    """Raw BAM streams one after the other, the first one's header first and
+    the others' headers skipped: reading each to its end before the next
+    (no read-ahead), for streams whose records follow each other in order
+    (the parts of a file by region). Returns {"bytes"} (records are counted
+    and checked by the encoder)."""
+    total = 0
+    with ExitStack() as stack:
+        out_fd = fd_of(output, True, stack)
+        for i, item in enumerate(inputs):
+            raw = _reading(item, stack)
+            _, length, start = read_raw_header(raw, f"part {i}")
+            write_all(out_fd, memoryview(start) if i == 0 else memoryview(start)[length:])
+            total += len(start) - length + copy_stream(raw, out_fd)
+    return {"bytes": total}
+
+
 class ChunkFramer:
     """For a worker whose reader cannot see chunk-end frames (pysam): call
     :meth:`read_done` after handling each input read; a frame follows every
@@ -308,10 +351,12 @@ def raw_writer(path: str, header: Any) -> Any:
 __all__ = [
     "ChunkFramer",
     "collect_records",
+    "concat_streams",
     "decode_bam",
     "distribute_records",
     "encode_bam",
     "raw_writer",
     "read_raw_header",
     "source_name",
+    "spool_stream",
 ]

@@ -11,7 +11,7 @@ added, and :meth:`Scatter.check_flow` checks that every stage passed on
 what it got. :meth:`BamWorkflow.regions` is the other shape, for an
 indexed coordinate-sorted file (:func:`~bamflow.bam.partition.plan_regions`)::
 
-    read_partition_i ─▶ worker_i  (i < N) ─▶ [collect_bam ─▶ BAM_writer]
+    read_partition_i ─▶ worker_i  (i < N) ─▶ [(spool, i > 0) ─▶ concat in order ─▶ BAM_writer]
 """
 
 from __future__ import annotations
@@ -254,13 +254,15 @@ class BamWorkflow(Workflow):
         worker_kwargs: dict[str, Any] | None = None,
         threads: int = 1,
         output: str | os.PathLike[str] | None = None,
-        collect: CollectOptions = CollectOptions("coordinate"),
         encode: EncodeOptions = EncodeOptions(),
+        spool_folder: str | None = None,
     ) -> Regions:
         """Each partition of ``plan`` (whole references) read by its own job
         (BGZF inflated in ``threads`` threads) straight into its own worker,
         no decode or distribute process; with ``output`` the workers' streams
-        are collected (the parts are disjoint and in coordinate order) and
+        are joined in partition order (the parts are disjoint and in
+        coordinate order), the later ones spooled to unnamed files in
+        ``spool_folder`` (None: the temporary folder) meanwhile, and
         encoded. Workers are called as in :meth:`scatter`."""
         path = plan.partitions[0].path
         refuse_overwrite([path], output)
@@ -282,7 +284,14 @@ class BamWorkflow(Workflow):
         worker_jobs = list(self.last)
         collector = writer = None
         if writes:
-            self.collect_bam(inputs=FIFO("mapped{n}", "rb", n=n), output=FIFO("collected", "wb"), options=collect)
+            # the parts follow each other: concatenated, each read to its end before the next, while the
+            # later parts' outputs wait on disk (a merge would hold them in memory while it awaits part 0)
+            for i in range(1, n):
+                self.add_job(func=stages.spool_stream, job_name="{workflow}.spool{n}", input=FIFO(f"mapped{i}", "rb"),
+                             output=FIFO(f"spooled{i}", "wb"), folder=spool_folder)
+            self.add_job(func=stages.concat_streams, job_name="{workflow}.concat{n}",
+                         inputs=[FIFO("mapped0", "rb"), *(FIFO(f"spooled{i}", "rb") for i in range(1, n))],
+                         output=FIFO("collected", "wb"))
             collector = self.last[0]
             self.BAM_writer(input=FIFO("collected", "rb"), output=output, options=encode)
             writer = self.last[0]
@@ -374,15 +383,12 @@ class Regions:
                                 f"{want}")
         reads_in = sum(r["reads_in"] for r in per_worker)
         flow: dict[str, Any] = {"reads_in": reads_in, "dealt": reads_in, "per_worker": per_worker}
-        if self.collector is not None:
-            collected = w.result(self.collector)["records"]
-            written = [r.get("written") for r in per_worker]
-            if None not in written and sum(written) != collected:
-                problems.append(f"{sum(written)} records written by the workers, {collected} collected")
-            encoded = w.result(self.writer)["records"] if self.writer is not None else collected
-            if encoded != collected:
-                problems.append(f"{collected} records collected, {encoded} written out")
-            flow["collected"] = collected
+        if self.collector is not None and self.writer is not None:
+            written = sum(r["written"] for r in per_worker)
+            encoded = w.result(self.writer)["records"]
+            if encoded != written:
+                problems.append(f"{written} records written by the workers, {encoded} written out")
+            flow["collected"] = encoded
         if problems:
             raise WorkflowError("reads do not add up between stages: " + "; ".join(problems))
         self.flow = flow

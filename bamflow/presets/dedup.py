@@ -7,7 +7,7 @@
 
 or, for an indexed coordinate-sorted file (by region, see :func:`run_umi`)::
 
-    read partition i (whole references) ─▶ UMI kernel i  (i < N) ─▶ collect (coordinate) ─▶ encode ─▶ out.bam
+    read partition i (whole references) ─▶ UMI kernel i  (i < N) ─▶ (spool, i > 0) ─▶ concat in order ─▶ encode ─▶ out.bam
 
 Each worker runs :class:`bamflow.kernels.umi.UmiKernel` on its share (whole
 cells, or whole references): umi_tools' bundles (``get_bundles``: cell, reference, 5' position
@@ -52,7 +52,7 @@ from ..bam.workflow import BamWorkflow, Regions, Scatter
 from ..engine import progress
 from ..engine.errors import WorkflowError
 from ..engine.files import open_for_reading, open_for_writing
-from ..engine.publish import Publication
+from ..engine.publish import Publication, is_special
 from ..engine.workflow import merge_counts
 from .umi import METHODS
 
@@ -399,7 +399,8 @@ def run_umi(
             w = BamWorkflow(name, start_method=start_method)
             jobs: Scatter | Regions = w.regions(
                 plan, umi_worker, worker_kwargs=dict(config={**config, "note_tags": True}, parts=parts_dir),
-                threads=threads // n if threads > n else 0, output=output, collect=CollectOptions("coordinate"), encode=encode)
+                threads=threads // n if threads > n else 0, output=output, encode=encode,
+                spool_folder=_spool_folder(output))
             return UmiRun(w, jobs, n, None, "region", None)
     why = one_worker or opts.needs_one_worker(mode)
     sharded = why is None and workers > 1
@@ -424,6 +425,15 @@ def run_umi(
         pass_unassigned=pass_unassigned,
     )
     return UmiRun(w, jobs, n, why, "cell" if sharded else "one", why or not_by_region)
+
+
+def _spool_folder(output: str | None) -> str | None:
+    """Where a region run's later parts wait: beside the output (where its
+    data are meant to go), else the temporary folder."""
+    if output is None or is_special(output):
+        return None
+    folder = os.path.dirname(os.path.abspath(output))
+    return folder if os.path.isdir(folder) else None
 
 
 def books(stats: dict[str, Any], done: str, what: str) -> None:
@@ -495,7 +505,7 @@ def dedup(
         """The books, before the output appears."""
         reads_in, merged, per_worker = gather(w, run.jobs, SUMMED)
         run.jobs.require_tags(w, opts.tags())
-        written = w.result(run.jobs.collector)["records"]
+        written = run.jobs.flow["collected"]  # (after gather: the books checked it)
         stats.update(
             reads_in=reads_in,
             kept=merged.get("kept", 0),

@@ -90,7 +90,7 @@ def group(
             run.jobs.require_tags(w, opts.tags())
             stats.update(reads_in=reads_in, grouped=merged.get("grouped", 0), singles=merged.get("singles", 0),
                          groups=merged.get("groups", 0), dropped=dict(sorted(merged.get("dropped", {}).items())),
-                         written=w.result(run.jobs.collector)["records"] if run.jobs.collector is not None else 0,
+                         written=run.jobs.flow.get("collected", 0),
                          table_rows=merged.get("tsv_rows", 0), workers=run.workers, sharding=run.sharding,
                          per_worker=per_worker)
             books(stats, "grouped+singles", "grouped")
