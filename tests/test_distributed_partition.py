@@ -1,5 +1,5 @@
 """Partitions of a BAM (bamflow.bam.partition) and the BGZF joins of
-the gather (bamflow.distributed.gather), without a cluster: every record in
+the gather (bamflow.bam.concat), without a cluster: every record in
 exactly one partition for any K, from .bai, .csi, a stale index and a scan,
 on files whose records start mid-block."""
 
@@ -11,9 +11,9 @@ import pysam
 import pytest
 
 from bamflow.bam.bgzf import EOF_BLOCK, BgzfReader, BgzfWriter
+from bamflow.bam.concat import concat_bams
 from bamflow.bam.partition import layout_of, partition_bytes, plan_partitions, record_ok
 from bamflow.distributed import cluster as clusters
-from bamflow.distributed.gather import concat_bams
 from bamflow.engine.errors import WorkflowError
 from bamflow.simulate import simulate_bam
 

@@ -8,6 +8,7 @@ one error and publishes nothing."""
 import gzip
 import os
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -23,6 +24,8 @@ from bamflow.presets.dedup import dedup
 from bamflow.presets.group import group
 
 pytestmark = pytest.mark.timeout(300)
+EOF_MARKER = bytes.fromhex("1f8b08040000000000ff0600424302001b0003000000000000000000")
+SAMTOOLS = shutil.which("samtools") or os.path.join(os.path.dirname(__file__), "bin", "samtools")
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +214,7 @@ def test_a_corrupt_block_in_region_mode_fails_cleanly(tmp_path):
     with pytest.raises((WorkflowError, ValueError)):
         dedup(src, tmp_path / "never.bam", workers=2)
     assert not (tmp_path / "never.bam").exists()
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # no part or temporary file left
     for name, out in (("dedup", "d.bam"), ("count", "counts")):
         run = tmp_path / name
         run.mkdir()
@@ -230,26 +234,107 @@ def test_a_csi_index_plans_the_same_parts(data, tmp_path):
     assert by_csi.records == by_bai.records
 
 
-def test_spool_and_concat_join_parts_in_order_whatever_connects_first(data, tmp_path):
-    """The join behind a region run's workers: part 1 spooled (its writer
-    connects late), headers after the first skipped, bytes kept in order."""
+def test_join_copies_the_parts_blocks_in_order_whatever_connects_first(data, tmp_path):
+    """The join behind a region run's writers: part 1 (records only) kept
+    aside while part 0 (with the header) connects late, the compressed
+    bytes copied as they are, one EOF marker."""
     from jobfuncs import late_raw_stream
 
-    from bamflow.bam import stages
+    from bamflow.bam.bgzf import BgzfWriter
+    from bamflow.bam.concat import join_parts
     from bamflow.bam.workflow import BamWorkflow
     from bamflow.engine.fifo import FIFO
 
     _, src, _, _ = data
     plan, _ = plan_regions(src, 2)
-    parts = [plan.layout.header + b"".join(partition_bytes(p)) for p in plan.partitions]
+    parts = []
+    for i, p in enumerate(plan.partitions):
+        path = tmp_path / f"part{i}"
+        with open(path, "wb") as f:
+            writer = BgzfWriter(f, threads=0)
+            if i == 0:
+                writer.write(plan.layout.header)
+                writer.flush_block()
+            writer.write(b"".join(partition_bytes(p)))
+            writer.flush()
+        parts.append(path.read_bytes())
+        path.unlink()
     w = BamWorkflow("join")
     w.add_job(func=late_raw_stream, job_name="{workflow}.a{n}", output=FIFO("p0", "wb"), data=parts[0], delay=0.3)
     w.add_job(func=late_raw_stream, job_name="{workflow}.b{n}", output=FIFO("p1", "wb"), data=parts[1], delay=0.1)
-    w.add_job(func=stages.spool_stream, job_name="{workflow}.spool{n}", input=FIFO("p1", "rb"),
-              output=FIFO("s1", "wb"), folder=str(tmp_path))
-    w.add_job(func=stages.concat_streams, job_name="{workflow}.concat{n}", inputs=[FIFO("p0", "rb"), FIFO("s1", "rb")],
-              output=str(tmp_path / "joined.raw"))
+    w.add_job(func=join_parts, job_name="{workflow}.join{n}", inputs=FIFO("p{n}", "rb", n=2),
+              output=str(tmp_path / "joined.bam"), folder=str(tmp_path))
     w.run(timeout=60)
-    joined = (tmp_path / "joined.raw").read_bytes()
-    assert joined == plan.layout.header + b"".join(b"".join(partition_bytes(p)) for p in plan.partitions)
-    assert os.listdir(tmp_path) == ["joined.raw"]  # the spool file had no name
+    joined = (tmp_path / "joined.bam").read_bytes()
+    assert joined == parts[0] + parts[1] + EOF_MARKER
+    assert w.results("*.join*")[0]["part_bytes"] == [len(parts[0]), len(parts[1])]
+    assert records(tmp_path / "joined.bam") == records(src)
+    assert os.listdir(tmp_path) == ["joined.bam"]  # the kept part had no name
+
+
+def bam_stream(path):
+    """(header text, number of records) of a BAM, walking its decompressed
+    stream to the end: a second header or a cut record would not parse."""
+    raw = gzip.decompress(open(path, "rb").read())  # BGZF is gzip members
+    assert raw[:4] == b"BAM\1"
+    l_text = struct.unpack_from("<i", raw, 4)[0]
+    text = raw[8:8 + l_text]
+    p = 8 + l_text
+    (n_ref,) = struct.unpack_from("<i", raw, p)
+    p += 4
+    for _ in range(n_ref):
+        p += 4 + struct.unpack_from("<i", raw, p)[0] + 4
+    n = 0
+    while p < len(raw):
+        size = struct.unpack_from("<i", raw, p)[0]
+        assert 32 <= size <= len(raw) - p - 4
+        p += 4 + size
+        n += 1
+    assert p == len(raw)
+    return text, n
+
+
+@pytest.mark.parametrize("mark", [False, True], ids=["remove", "mark"])
+def test_a_region_output_is_one_valid_bam(data, tmp_path, mark):
+    """The parts joined: one header (the one-worker run's, its @PG too), one
+    EOF marker at the end, samtools-valid, indexable, every region fetched as
+    the one-worker run's."""
+    _, src, _, _ = data
+    one, out = tmp_path / "one.bam", tmp_path / "regions.bam"
+    dedup(src, one, workers=1, mark=mark, command_line="bamflow dedup (test)")
+    stats = dedup(src, out, workers=3, mark=mark, command_line="bamflow dedup (test)")
+    assert stats["sharding"] == "region" and stats["workers"] == 3
+    text, n = bam_stream(out)
+    assert (text, n) == (bam_stream(one)[0], stats["written"])
+    assert text.count(b"@PG\tID:bamflow") == 1
+    blob = out.read_bytes()
+    assert blob.endswith(EOF_MARKER) and blob.count(EOF_MARKER) == 1
+    assert subprocess.run([SAMTOOLS, "quickcheck", "-v", str(out)], capture_output=True).returncode == 0
+    pysam.index(str(out))
+    pysam.index(str(one))
+    with pysam.AlignmentFile(str(out)) as a, pysam.AlignmentFile(str(one)) as b:
+        assert [r.to_string() for r in a] == [r.to_string() for r in b]
+        for ref in a.references:
+            assert [r.to_string() for r in a.fetch(ref)] == [r.to_string() for r in b.fetch(ref)]
+    assert sorted(os.listdir(tmp_path)) == ["one.bam", "one.bam.bai", "regions.bam", "regions.bam.bai"]
+
+
+def test_a_region_run_to_stdout_ends_with_one_eof_marker(data, tmp_path):
+    """To standard output: part 0 streamed, the later parts' blocks after it,
+    the EOF marker once the run succeeded; a failed run writes none."""
+    from test_reliability import run_isolated
+
+    _, src, _, _ = data
+    status, lines, _, out = run_isolated(["dedup", "-q", "-w", "2", str(src), "-o", "-"], tmp_path)
+    assert status == 0, lines
+    assert out.endswith(EOF_MARKER) and out.count(EOF_MARKER) == 1
+    (tmp_path / "stdout.bam").write_bytes(out)
+    dedup(src, tmp_path / "file.bam", workers=1)
+    assert records(tmp_path / "stdout.bam") == records(tmp_path / "file.bam")
+    hdr, reads = support.make_reads(seed=6, molecules=2000)
+    bad = _corrupt_late_block(tmp_path, support.write_bam(tmp_path / "big.bam", hdr, reads))
+    assert plan_regions(str(bad), 2)[0] is not None
+    status, lines, _, out = run_isolated(["dedup", "-q", "-w", "2", str(bad), "-o", "-"], tmp_path)
+    assert status == 1 and len(lines) == 1, lines
+    assert not out.endswith(EOF_MARKER)
+    assert os.listdir(tmp_path / "tmpdir") == []

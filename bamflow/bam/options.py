@@ -141,7 +141,9 @@ class EncodeOptions(StageOptions):
     workflow, which writes it only when the whole run succeeded;
     ``program=False`` keeps the header exactly as it is (no @PG line: for
     writing again what a bamflow run already wrote, such as the parts of a
-    distributed run)."""
+    distributed run); ``header=False`` writes the records only (a part
+    joined after another that carries the header, as a region run's
+    later parts are, :func:`~bamflow.bam.concat.join_parts`)."""
 
     level: int | str = DEFAULT_LEVEL
     threads: int = 2
@@ -150,6 +152,7 @@ class EncodeOptions(StageOptions):
     sort_order: str | None = None
     end_marker: bool = True
     program: bool = True
+    header: bool = True
 
     def __post_init__(self) -> None:
         check_level(self.level)

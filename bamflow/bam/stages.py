@@ -175,7 +175,9 @@ def encode_bam(input: Any, output: Any, options: EncodeOptions = EncodeOptions()
     its way; the result counts them (the books). Without
     ``options.end_marker`` the BGZF EOF marker is left out: the workflow adds
     it when the whole run succeeded (for standard output, which cannot be
-    published by renaming)."""
+    published by renaming); without ``options.header`` the header is left
+    out too (BAM only: a part to be joined after one that has it). The
+    result: {"records", "record_bytes", "bytes"} (compressed bytes out)."""
     with ExitStack() as stack:
         in_fd = fd_of(input, False, stack)
         chunks = RecordChunks(in_fd, "collected stream: ", progress.current().slot)
@@ -186,14 +188,17 @@ def encode_bam(input: Any, output: Any, options: EncodeOptions = EncodeOptions()
             header = header.with_sort_order(options.sort_order)
         out_fd = fd_of(output, True, stack)
         if options.fmt == "sam":
+            if not options.header:
+                raise ValueError("SAM is written with its header")
             return _raw_to_sam(header, chunks, out_fd)
         writer = BgzfWriter(
             io.FileIO(out_fd, "wb", closefd=False), level=0 if options.fmt == "ubam" else options.level,
             threads=options.threads,
         )
         try:
-            writer.write(header.to_bytes())
-            writer.flush_block()  # records start in a fresh block, as htslib writes them
+            if options.header:
+                writer.write(header.to_bytes())
+                writer.flush_block()  # records start in a fresh block, as htslib writes them
             total = 0
             while data := chunks.next_chunk():
                 writer.write(data)
@@ -204,7 +209,7 @@ def encode_bam(input: Any, output: Any, options: EncodeOptions = EncodeOptions()
                 writer.flush()
         finally:
             writer.abort()  # (after close: nothing left to do)
-        return {"records": chunks.records, "record_bytes": total}
+        return {"records": chunks.records, "record_bytes": total, "bytes": writer.compressed_bytes}
 
 
 def _raw_to_sam(header: BamHeader, chunks: Any, out_fd: int) -> dict[str, Any]:
@@ -277,49 +282,6 @@ def collect_records(
         return Collector(in_fds, out_fd, options, header_fd=header_fd, progress=progress.current().slot).run()
 
 
-def _reading(input: Any, stack: ExitStack) -> Any:
-    """A binary stream to read: a job's managed FIFO as it is (its first read
-    waits for the writer), a path opened here."""
-    if hasattr(input, "read"):
-        return input
-    return stack.enter_context(open(input, "rb", buffering=COPY_BLOCK))
-
-
-def spool_stream(input: Any, output: Any, folder: str | None = None) -> dict[str, Any]:
-    """Take all of ``input`` into an unnamed temporary file (in ``folder``;
-    None: the temporary folder), so that its writer never waits, then pass
-    it on to ``output``: what :func:`concat_streams` reads after the streams
-    before it. Returns {"bytes"}."""
-    import tempfile
-
-    with ExitStack() as stack:
-        source = _reading(input, stack)
-        spool = stack.enter_context(tempfile.TemporaryFile(dir=folder))  # unlinked: gone on any exit
-        total = copy_stream(source, spool.fileno())
-        spool.seek(0)
-        out_fd = fd_of(output, True, stack)
-        if copy_stream(spool, out_fd) != total:
-            raise OSError(f"spool: {total} bytes in, fewer read back")
-        return {"bytes": total}
-
-
-def concat_streams(inputs: list[Any], output: Any) -> dict[str, Any]:
-    """Raw BAM streams one after the other, the first one's header first and
-    the others' headers skipped: reading each to its end before the next
-    (no read-ahead), for streams whose records follow each other in order
-    (the parts of a file by region). Returns {"bytes"} (records are counted
-    and checked by the encoder)."""
-    total = 0
-    with ExitStack() as stack:
-        out_fd = fd_of(output, True, stack)
-        for i, item in enumerate(inputs):
-            raw = _reading(item, stack)
-            _, length, start = read_raw_header(raw, f"part {i}")
-            write_all(out_fd, memoryview(start) if i == 0 else memoryview(start)[length:])
-            total += len(start) - length + copy_stream(raw, out_fd)
-    return {"bytes": total}
-
-
 class ChunkFramer:
     """For a worker whose reader cannot see chunk-end frames (pysam): call
     :meth:`read_done` after handling each input read; a frame follows every
@@ -351,12 +313,10 @@ def raw_writer(path: str, header: Any) -> Any:
 __all__ = [
     "ChunkFramer",
     "collect_records",
-    "concat_streams",
     "decode_bam",
     "distribute_records",
     "encode_bam",
     "raw_writer",
     "read_raw_header",
     "source_name",
-    "spool_stream",
 ]

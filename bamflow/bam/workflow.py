@@ -11,7 +11,10 @@ added, and :meth:`Scatter.check_flow` checks that every stage passed on
 what it got. :meth:`BamWorkflow.regions` is the other shape, for an
 indexed coordinate-sorted file (:func:`~bamflow.bam.partition.plan_regions`)::
 
-    read_partition_i ─▶ worker_i  (i < N) ─▶ [(spool, i > 0) ─▶ concat in order ─▶ BAM_writer]
+    read_partition_i ─▶ worker_i ─▶ [BAM_writer_i ─▶ join in order]   (i < N)
+
+(each part compressed by its own writer, part 0's with the header; the
+join copies the compressed blocks, :func:`~bamflow.bam.concat.join_parts`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from ..engine.publish import STDOUT_NAMES
 from ..engine.workflow import Workflow, _as_output
 from . import stages
 from .bgzf import EOF_BLOCK
+from .concat import join_parts
 from .options import CollectOptions, DecodeOptions, DistributeOptions, EncodeOptions
 from .partition import RegionPlan, read_partition
 
@@ -259,14 +263,19 @@ class BamWorkflow(Workflow):
     ) -> Regions:
         """Each partition of ``plan`` (whole references) read by its own job
         (BGZF inflated in ``threads`` threads) straight into its own worker,
-        no decode or distribute process; with ``output`` the workers' streams
-        are joined in partition order (the parts are disjoint and in
-        coordinate order), the later ones spooled to unnamed files in
-        ``spool_folder`` (None: the temporary folder) meanwhile, and
-        encoded. Workers are called as in :meth:`scatter`."""
+        no decode or distribute process; with ``output`` (BAM) each worker's
+        records are compressed by their own writer (``encode``, its threads
+        split over the N writers: ``encode.threads // N`` each when that is
+        more than 1, else inline), part 0's with the header, the others
+        without, and joined in partition order (the parts are disjoint and in
+        coordinate order) without recompressing: the later parts wait,
+        compressed, in unnamed files in ``spool_folder`` (None: the temporary
+        folder) meanwhile. Workers are called as in :meth:`scatter`."""
         path = plan.partitions[0].path
         refuse_overwrite([path], output)
         writes = output is not None
+        if writes and encode.fmt != "bam":
+            raise ValueError(f"a region run writes BAM, not {encode.fmt}")
         readers = []
         for part in plan.partitions:
             self.add_job(func=read_partition, job_name="{workflow}.partition{n}", output=FIFO(f"part{part.index}", "wb"),
@@ -282,20 +291,27 @@ class BamWorkflow(Workflow):
             **(worker_kwargs or {}),
         )
         worker_jobs = list(self.last)
-        collector = writer = None
+        writers: list[Job] = []
+        joiner = None
         if writes:
-            # the parts follow each other: concatenated, each read to its end before the next, while the
-            # later parts' outputs wait on disk (a merge would hold them in memory while it awaits part 0)
-            for i in range(1, n):
-                self.add_job(func=stages.spool_stream, job_name="{workflow}.spool{n}", input=FIFO(f"mapped{i}", "rb"),
-                             output=FIFO(f"spooled{i}", "wb"), folder=spool_folder)
-            self.add_job(func=stages.concat_streams, job_name="{workflow}.concat{n}",
-                         inputs=[FIFO("mapped0", "rb"), *(FIFO(f"spooled{i}", "rb") for i in range(1, n))],
-                         output=FIFO("collected", "wb"))
-            collector = self.last[0]
-            self.BAM_writer(input=FIFO("collected", "rb"), output=output, options=encode)
-            writer = self.last[0]
-        return Regions(plan, readers, worker_jobs, collector, writer)
+            if encode.command_line is None:
+                encode = dataclasses.replace(encode, command_line=f"{self.name} (bamflow Python API)")
+            # one writer per part, so that the deflate (most of a run's CPU) is shared; helper threads only
+            # where each writer gets more than one core's worth
+            each = dataclasses.replace(encode, threads=encode.threads // n if encode.threads // n > 1 else 0,
+                                       end_marker=False)
+            for i in range(n):
+                self.add_job(func=stages.encode_bam, job_name="{workflow}.BAM_writer{n}", input=FIFO(f"mapped{i}", "rb"),
+                             output=FIFO(f"bgzf{i}", "wb"),
+                             options=each if i == 0 else dataclasses.replace(each, header=False))
+                writers.append(self.last[0])
+            to_stdout = isinstance(output, (str, os.PathLike)) and os.fspath(output) in STDOUT_NAMES
+            if to_stdout:  # its end marker once the run succeeded (see BAM_writer)
+                self.on_success(_end_stdout_stream)
+            self.add_job(func=join_parts, job_name="{workflow}.join{n}", inputs=FIFO("bgzf{n}", "rb", n=n),
+                         output=_as_output(output), folder=spool_folder, end_marker=not to_stdout)
+            joiner = self.last[0]
+        return Regions(plan, readers, worker_jobs, writers, joiner)
 
 
 @dataclass
@@ -359,13 +375,15 @@ class Regions:
     """Handles of the jobs :meth:`BamWorkflow.regions` added; checked as a
     :class:`Scatter` is (``check_flow``, ``require_tags``), with the workers'
     own counts: each worker read every byte its partition's reader wrote,
-    and as many reads as the index counts on its references."""
+    and as many reads as the index counts on its references; each part's
+    writer compressed the records its worker wrote, and the join copied
+    every byte the writers wrote."""
 
     plan: RegionPlan
     readers: list[Job]
     workers: list[Job]
-    collector: Job | None
-    writer: Job | None
+    writers: list[Job]
+    joiner: Job | None
     unassigned: Job | None = None
     flow: dict[str, Any] = field(default_factory=dict)
 
@@ -383,12 +401,17 @@ class Regions:
                                 f"{want}")
         reads_in = sum(r["reads_in"] for r in per_worker)
         flow: dict[str, Any] = {"reads_in": reads_in, "dealt": reads_in, "per_worker": per_worker}
-        if self.collector is not None and self.writer is not None:
-            written = sum(r["written"] for r in per_worker)
-            encoded = w.result(self.writer)["records"]
-            if encoded != written:
-                problems.append(f"{written} records written by the workers, {encoded} written out")
-            flow["collected"] = encoded
+        if self.joiner is not None:
+            encoded = w.result(self.writers)
+            for i, (got, out) in enumerate(zip(per_worker, encoded, strict=True)):
+                if got["written"] != out["records"]:
+                    problems.append(f"part {i}: {got['written']} records written by its worker, {out['records']} "
+                                    f"compressed")
+            joined = w.result(self.joiner)["part_bytes"]
+            compressed = [out["bytes"] for out in encoded]
+            if joined != compressed:
+                problems.append(f"parts of {compressed} compressed bytes, {joined} joined")
+            flow["collected"] = sum(out["records"] for out in encoded)
         if problems:
             raise WorkflowError("reads do not add up between stages: " + "; ".join(problems))
         self.flow = flow

@@ -19,7 +19,7 @@ partition order into one input (a cell's reads are all there, in input
 order), then the preset's own public function on it (``dedup``, ``count``,
 ``split_reads`` …): a normal local bamflow run.
 
-Gather: BAMs joined block by block (:func:`~bamflow.distributed.gather.concat_bams`),
+Gather: BAMs joined block by block (:func:`~bamflow.bam.concat.concat_bams`),
 or merged by coordinate when the output must stay sorted — in one task
 (:func:`gather_bam`), or one task per coordinate range (:func:`merge_range`)
 whose BAMs are then joined; count tables stacked (a cell is in one bucket);
@@ -34,6 +34,7 @@ import pickle
 from collections.abc import Callable
 from typing import Any
 
+from ..bam.concat import concat_bams, concat_raw
 from ..bam.options import CollectOptions, DistributeOptions, EncodeOptions
 from ..bam.partition import Partition, VOffset, read_partition, split_points
 from ..bam.stages import collect_records, distribute_records
@@ -42,7 +43,6 @@ from ..engine.errors import WorkflowError
 from ..engine.fifo import FIFO
 from ..engine.publish import Publication
 from .executor import TaskContext
-from .gather import concat_bams, concat_raw
 
 UNASSIGNED = "unassigned.bam"
 #: how a task's workflows start their processes: a Dask worker's own default

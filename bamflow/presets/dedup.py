@@ -7,7 +7,7 @@
 
 or, for an indexed coordinate-sorted file (by region, see :func:`run_umi`)::
 
-    read partition i (whole references) ─▶ UMI kernel i  (i < N) ─▶ (spool, i > 0) ─▶ concat in order ─▶ encode ─▶ out.bam
+    read partition i (whole references) ─▶ UMI kernel i ─▶ encode i  (i < N) ─▶ join in order ─▶ out.bam
 
 Each worker runs :class:`bamflow.kernels.umi.UmiKernel` on its share (whole
 cells, or whole references): umi_tools' bundles (``get_bundles``: cell, reference, 5' position
@@ -428,8 +428,8 @@ def run_umi(
 
 
 def _spool_folder(output: str | None) -> str | None:
-    """Where a region run's later parts wait: beside the output (where its
-    data are meant to go), else the temporary folder."""
+    """Where a region run's later parts wait, compressed: beside the output
+    (where its data are meant to go), else the temporary folder."""
     if output is None or is_special(output):
         return None
     folder = os.path.dirname(os.path.abspath(output))

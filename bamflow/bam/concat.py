@@ -1,23 +1,37 @@
-"""Putting the tasks' files together: BGZF concatenation without
-recompressing, raw BAM concatenation, and a writer that keeps a header as it is.
+"""Joining BGZF files without recompressing: the compressed blocks copied
+as they are (``copy_file_range`` where the kernel can).
 
 A BAM written by bamflow (or htslib) ends its header with a BGZF block, so
 its record blocks can be copied into another BAM with the same header as
 they are: :func:`concat_bams` writes the first part's header blocks, then
 every part's record blocks, then one EOF marker — ``samtools cat`` without
 decompressing. A part whose first record shares a block with the header
-gets that one block recompressed.
+gets that one block recompressed. :func:`concat_raw` does the same for raw
+BAM streams.
+
+:func:`join_parts` is the job that ends a region run
+(:meth:`~bamflow.bam.workflow.BamWorkflow.regions`): each worker's records
+are compressed by their own writer, part 0's with the header, and the join
+passes part 0's blocks straight on while the later parts wait, compressed,
+in unnamed files beside the output; then their blocks follow in partition
+order, and one EOF marker. Used by ``bamflow.distributed`` (its gather) as
+well.
 """
 
 from __future__ import annotations
 
 import os
+import select
+import tempfile
 from contextlib import ExitStack
 from typing import Any
 
-from ..bam.bgzf import BLOCK_SIZE, EOF_BLOCK, compress_block
-from ..bam.partition import Layout, layout_of, read_block
 from ..engine.errors import WorkflowError
+from ..engine.files import fd_of, write_all
+from .bgzf import BLOCK_SIZE, EOF_BLOCK, compress_block
+from .partition import Layout, layout_of, read_block
+
+READ_BLOCK = 1 << 20
 
 
 def copy_range(src: int, dst: int, offset: int, length: int) -> int:
@@ -25,7 +39,7 @@ def copy_range(src: int, dst: int, offset: int, length: int) -> int:
     (in the kernel where it can: copy_file_range, else read and write)."""
     done = 0
     try:
-        while done < length:
+        while done < length and hasattr(os, "copy_file_range"):
             n = os.copy_file_range(src, dst, length - done, offset + done)
             if n == 0:
                 break
@@ -112,4 +126,57 @@ def concat_raw(paths: list[str], header_bytes: int, output: str) -> int:
     return total
 
 
-__all__ = ["concat_bams", "concat_raw", "copy_range"]
+def join_parts(inputs: list[Any], output: Any, *, folder: str | None = None, end_marker: bool = True
+               ) -> dict[str, Any]:
+    """Join BGZF streams in the order of ``inputs`` (FIFOs of the part writers;
+    the first carries the header, the others records only, none an EOF
+    marker) into ``output``, copying the compressed blocks: the part in turn
+    goes straight through, the later ones are kept meanwhile in unnamed
+    files in ``folder`` (None: the temporary folder), so that no writer
+    waits and a failed run leaves none behind; then one EOF marker (unless
+    ``end_marker=False``: the workflow writes it after the run succeeded).
+    Returns {"bytes", "part_bytes"}."""
+    n = len(inputs)
+    with ExitStack() as stack:
+        out_fd = fd_of(output, True, stack)
+        fds = [fd_of(item, False, stack) for item in inputs]
+        spools = [-1] + [stack.enter_context(tempfile.TemporaryFile(dir=folder)).fileno() for _ in range(1, n)]
+        sizes = [0] * n
+        ended = [False] * n
+        part_of = {fd: i for i, fd in enumerate(fds)}
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        written = 0
+        turn = 0  # the part whose blocks go straight to the output
+
+        def next_turn() -> int:
+            """Copy out each finished part's spool in order; the first unfinished part goes straight on."""
+            nonlocal turn, written
+            while turn < n and ended[turn]:
+                turn += 1
+                if turn < n and sizes[turn]:  # (an unfinished part: what it wrote so far)
+                    written += copy_range(spools[turn], out_fd, 0, sizes[turn])
+            return turn
+
+        while next_turn() < n:
+            for fd, _ in poller.poll():
+                i = part_of[fd]
+                data = os.read(fd, READ_BLOCK)
+                if not data:  # its writer closed
+                    poller.unregister(fd)
+                    ended[i] = True
+                elif i == turn:
+                    write_all(out_fd, memoryview(data))
+                    written += len(data)
+                    sizes[i] += len(data)
+                else:
+                    write_all(spools[i], memoryview(data))
+                    sizes[i] += len(data)
+        if end_marker:
+            write_all(out_fd, memoryview(EOF_BLOCK))
+            written += len(EOF_BLOCK)
+    return {"bytes": written, "part_bytes": sizes}
+
+
+__all__ = ["concat_bams", "concat_raw", "copy_range", "join_parts"]
