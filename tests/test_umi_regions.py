@@ -259,15 +259,17 @@ def test_join_copies_the_parts_blocks_in_order_whatever_connects_first(data, tmp
             writer.flush()
         parts.append(path.read_bytes())
         path.unlink()
+    parts.insert(1, b"")  # a worker that wrote no records: its writer writes nothing
     w = BamWorkflow("join")
-    w.add_job(func=late_raw_stream, job_name="{workflow}.a{n}", output=FIFO("p0", "wb"), data=parts[0], delay=0.3)
-    w.add_job(func=late_raw_stream, job_name="{workflow}.b{n}", output=FIFO("p1", "wb"), data=parts[1], delay=0.1)
-    w.add_job(func=join_parts, job_name="{workflow}.join{n}", inputs=FIFO("p{n}", "rb", n=2),
+    for i, (data, delay) in enumerate(zip(parts, (0.3, 0.2, 0.1), strict=True)):
+        w.add_job(func=late_raw_stream, job_name=f"{{workflow}}.part{i}", output=FIFO(f"p{i}", "wb"), data=data,
+                  delay=delay)
+    w.add_job(func=join_parts, job_name="{workflow}.join{n}", inputs=FIFO("p{n}", "rb", n=3),
               output=str(tmp_path / "joined.bam"), folder=str(tmp_path))
     w.run(timeout=60)
     joined = (tmp_path / "joined.bam").read_bytes()
-    assert joined == parts[0] + parts[1] + EOF_MARKER
-    assert w.results("*.join*")[0]["part_bytes"] == [len(parts[0]), len(parts[1])]
+    assert joined == b"".join(parts) + EOF_MARKER
+    assert w.results("*.join*")[0]["part_bytes"] == [len(p) for p in parts]
     assert records(tmp_path / "joined.bam") == records(src)
     assert os.listdir(tmp_path) == ["joined.bam"]  # the kept part had no name
 
