@@ -1628,11 +1628,8 @@ cdef class UmiKernel:
         self.cell_buf.used = 0
         if self.umi_method == UMI_TAG:
             if need_umi:
-                if self._tag_value(&self.umi_buf, found[self.t_umi], self.t_umi, r) != KEY_FOUND:
-                    return R_NO_UMI
-                if self.umi_split is not None or self.umi_delim is not None:
-                    self._transform(&self.umi_buf, self.umi_split, self.umi_delim)
-                if self.umi_buf.used == 0:
+                if not self._tag_field(&self.umi_buf, found[self.t_umi], self.t_umi, r, self.umi_split,
+                                       self.umi_delim):
                     return R_NO_UMI
             return self._tag_cell(r, found)
         if self.umi_method == UMI_READ_ID:
@@ -1683,13 +1680,21 @@ cdef class UmiKernel:
         """The cell from its tag (cut and joined as asked): R_OK or R_NO_CELL."""
         if not self.per_cell:
             return R_OK
-        if self._tag_value(&self.cell_buf, found[self.t_cell], self.t_cell, r) != KEY_FOUND:
-            return R_NO_CELL
-        if self.cell_split is not None or self.cell_delim is not None:
-            self._transform(&self.cell_buf, self.cell_split, self.cell_delim)
-        if self.cell_buf.used == 0:
+        if not self._tag_field(&self.cell_buf, found[self.t_cell], self.t_cell, r, self.cell_split,
+                               self.cell_delim):
             return R_NO_CELL
         return R_OK
+
+    cdef int _tag_field(self, Scratch *s, const uint8_t *tv, int t, const Rec *r, bytes split,
+                        bytes delim) except -1:
+        """The UMI or cell from tag ``t`` into ``s``, cut and joined as asked
+        (umi_tools' --umi-tag-split/-delimiter, --cell-tag-split/-delimiter):
+        1 if the tag is there and the value left is not empty, else 0."""
+        if self._tag_value(s, tv, t, r) != KEY_FOUND:
+            return 0
+        if split is not None or delim is not None:
+            self._transform(s, split, delim)
+        return s.used != 0
 
     # == the record path ===========================================================================
 
